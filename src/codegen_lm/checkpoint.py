@@ -1,0 +1,236 @@
+"""Load and save checkpoints in the official layout: config.json plus .safetensors or .bin, single or sharded.
+
+Loading builds the model on the meta device and assigns each tensor as it is read (safetensors tensor by
+tensor, .bin through a memory map), so the weights are never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CodeGenConfig
+from .hub import CheckpointNotFoundError, atomic_write_text, is_local, list_files, resolve_file
+from .model import CodeGenForCausalLM, CodeGenPreTrainedModel, rotary_table
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, config: CodeGenConfig | None = None, device: str = "cpu") -> torch.dtype:
+    """``None`` → fp32; ``"auto"`` → the checkpoint's dtype on GPU, fp32 on CPU (half matmuls are slow there)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        saved = (config.extra.get("torch_dtype") if config else None) or "float32"
+        return DTYPES.get(saved, torch.float32) if saved != "float16" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16 or auto")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None, device_map: str | dict | None = None) -> torch.device:
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            devices = set(device_map.values())
+            if len(devices) != 1:
+                raise ValueError("device_map across several devices is not supported; give one device")
+            device = devices.pop()
+        elif device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = device_map
+    if device is None or device == "auto":
+        return torch.device("cpu")
+    device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def weight_files(name_or_path: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint, preferring safetensors; resolves shards through their index."""
+    listed = list_files(name_or_path)
+    candidates = [f for f in WEIGHT_FILES if f in listed] if listed else list(WEIGHT_FILES)
+    for name in candidates:
+        path = resolve_file(name_or_path, name, required=False)
+        if path is None:
+            continue
+        if name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path} is not a valid shard index ({e}); re-download the checkpoint") from None
+            return [resolve_file(name_or_path, shard) for shard in sorted(set(weight_map.values()))]
+        return [path]
+    where = "folder" if is_local(name_or_path) else "hub repo"
+    raise CheckpointNotFoundError(f"no weights ({' or '.join(WEIGHT_FILES[::2])}) in {where} {name_or_path}")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from .safetensors (one tensor in memory at a time) or .bin (memory-mapped) files."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+            except SafetensorError as e:
+                raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download the checkpoint") from None
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # pickle errors come in many types
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            yield from state.items()
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    model_class: type[CodeGenPreTrainedModel] = CodeGenForCausalLM,
+    torch_dtype: str | torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    quantize: str | None = None,
+    config: CodeGenConfig | None = None,
+) -> CodeGenPreTrainedModel:
+    """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode."""
+    config = config or CodeGenConfig.from_pretrained(name_or_path)
+    target = parse_device(device, device_map)
+    dtype = parse_dtype(dtype if dtype is not None else torch_dtype, config, str(target))
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    prefix = "" if model_class is CodeGenForCausalLM else "transformer."
+    tied = config.tie_word_embeddings
+
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in iter_tensors(weight_files(name_or_path)):
+        if key.endswith(("attn.causal_mask", "attn.masked_bias")):
+            continue
+        if prefix:  # a CodeGenModel reads the body of a CausalLM checkpoint
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+        if key not in expected:
+            raise ValueError(f"unexpected weight {key!r} in {name_or_path}; is this a CodeGen checkpoint?")
+        if tensor.shape != expected[key]:
+            raise ValueError(
+                f"weight {key!r} has shape {tuple(tensor.shape)} in {name_or_path}, "
+                f"but the config expects {tuple(expected[key])}; config.json and the weights disagree"
+            )
+        state[key] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        raise ValueError(
+            f"weight {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing from {name_or_path}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    body = model if prefix else model.transformer
+    body.rotary = rotary_table(config).to(target)
+    if tied and not prefix:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.eval()
+    if quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
+    return model
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def save_model(
+    model: CodeGenPreTrainedModel,
+    save_directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """config.json + weights in the official layout (what transformers' ``save_pretrained`` writes)."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config
+    saved_dtype = next(iter(state.values())).dtype
+    config.extra["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
+    config.save_pretrained(out)
+
+    base, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    for old in out.glob(f"{base}*.{ext}*"):
+        old.unlink()  # stale shards of an earlier save would be picked up by the index otherwise
+    shards = _shards(state, parse_size(max_shard_size))
+    names = [f"{base}.{ext}"] if len(shards) == 1 else [
+        f"{base}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        _atomic_save_tensors(shard, out / name, safe_serialization)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
+        }
+        atomic_write_text(out / f"{base}.{ext}.index.json", json.dumps(index, indent=2) + "\n")
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, safe: bool) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if safe:
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

@@ -1,0 +1,473 @@
+"""The CodeGen network in one file: rotary embeddings, attention, MLP, blocks, heads, KV cache.
+
+Weights keep the official names and layout on disk (``transformer.h.{i}.attn.qkv_proj.weight`` in the
+4-shard query/value/key order). At load time the qkv rows are re-ordered once into plain q, k, v so the
+forward is a simple split; ``state_dict()`` re-orders them back, so what we save is the official layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .config import CodeGenConfig
+
+MP_NUM = 4  # CodeGen was trained with 4 model-parallel shards; its fused qkv rows are laid out per shard.
+
+
+# --- qkv layout -------------------------------------------------------------------------------------------
+
+
+def _qkv_permutation(n_embd: int) -> torch.Tensor:
+    """Row order that turns the official fused qkv weight (4 shards × [q, v, k]) into plain [q; k; v]."""
+    local = n_embd // MP_NUM
+    rows = torch.arange(3 * n_embd).view(MP_NUM, 3, local)  # shard, (q, v, k), row within shard
+    q, v, k = rows[:, 0], rows[:, 1], rows[:, 2]
+    return torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
+
+
+def qkv_official_to_plain(weight: torch.Tensor) -> torch.Tensor:
+    return weight[_qkv_permutation(weight.shape[1])]
+
+
+def qkv_plain_to_official(weight: torch.Tensor) -> torch.Tensor:
+    inverse = torch.argsort(_qkv_permutation(weight.shape[1]))
+    return weight[inverse]
+
+
+# --- outputs (the transformers output classes, attribute and tuple access) ---------------------------------
+
+
+class ModelOutput:
+    """Attribute access, ``out["logits"]``, ``out[0]`` and tuple unpacking over the fields that are set."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str | int) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.to_tuple())
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# --- KV cache ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values, ``[n_layer, batch, n_head, max_len, head_dim]``.
+
+    Each row is one sequence; a token at position p is stored in slot p, so a row needs no padding and rows
+    may hold sequences of different lengths. Nothing is allocated or concatenated per step.
+    """
+
+    def __init__(self, config: CodeGenConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        if max_len > config.n_positions:
+            raise ValueError(f"cache length {max_len} exceeds the model's {config.n_positions} positions")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ``[b, n_head, t, head_dim]`` of ``rows`` at slots ``positions`` ``[b, t]``."""
+        batch = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self.k[layer, rows][batch, :, positions] = k.transpose(1, 2)
+        self.v[layer, rows][batch, :, positions] = v.transpose(1, 2)
+
+    def copy_rows(self, src: int, dst: slice | list[int] | torch.Tensor, length: int) -> None:
+        """Copy the first ``length`` slots of row ``src`` into rows ``dst`` (shared-prefix sampling)."""
+        self.k[:, dst, :, :length] = self.k[:, src : src + 1, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src : src + 1, :, :length]
+
+
+# --- layers -----------------------------------------------------------------------------------------------
+
+
+def rotary_table(config: CodeGenConfig) -> torch.Tensor:
+    """sin and cos of position × inv_freq, ``[n_positions, rotary_dims]`` (sin half, then cos half), fp32."""
+    dims = config.rotary_dims
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dims, 2, dtype=torch.int64).float() / dims))
+    angles = torch.arange(config.n_positions, dtype=torch.float32)[:, None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """GPT-J "rotate every two" on the first rotary dims of ``x`` ``[b, t, h, d]``; sin/cos ``[b, t, 1, r/2]``."""
+    rot_dims = sin.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot_dims].float(), x[..., rot_dims:]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+ACT_FNS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def _qkv_to_official_on_save(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    key = prefix + "qkv_proj.weight"
+    if key in state_dict:
+        state_dict[key] = qkv_plain_to_official(state_dict[key])
+
+
+def _qkv_to_plain_on_load(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    key = prefix + "qkv_proj.weight"
+    if key in state_dict:
+        state_dict[key] = qkv_official_to_plain(state_dict[key])
+    for buffer in ("causal_mask", "masked_bias"):  # buffers of old pickles, rebuilt on the fly
+        state_dict.pop(prefix + buffer, None)
+
+
+class CodeGenAttention(nn.Module):
+    def __init__(self, config: CodeGenConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # plain [q; k; v] rows
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        # On disk the qkv rows keep the official layout: convert when loading and saving.
+        self._register_state_dict_hook(_qkv_to_official_on_save)
+        self._register_load_state_dict_pre_hook(_qkv_to_plain_on_load)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sin: torch.Tensor,
+        cos: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[KVCache, int, slice, torch.Tensor, int] | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, t, d]
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        if cache is not None:
+            kv, layer, rows, positions, kv_len = cache
+            kv.write(layer, rows, positions, k, v)
+            k, v = kv.k[layer, rows, :, :kv_len], kv.v[layer, rows, :, :kv_len]
+
+        weights = None
+        if output_attentions:
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            weights = F.dropout(scores.softmax(dim=-1).to(v.dtype), self.attn_pdrop, self.training)
+            y = weights @ v
+        else:
+            dropout = self.attn_pdrop if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.resid_dropout(self.out_proj(y)), present, weights
+
+
+class CodeGenMLP(nn.Module):
+    def __init__(self, config: CodeGenConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
+        self.fc_out = nn.Linear(config.inner_dim, config.n_embd)
+        self.act = ACT_FNS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class CodeGenBlock(nn.Module):
+    """Parallel block (GPT-J): attention and MLP both read ln_1(x) and add to the residual."""
+
+    def __init__(self, config: CodeGenConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CodeGenAttention(config)
+        self.mlp = CodeGenMLP(config)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor, **attn_kwargs: Any):
+        h = self.ln_1(x)
+        attn_out, present, weights = self.attn(h, sin, cos, mask, **attn_kwargs)
+        return x + attn_out + self.mlp(h), present, weights
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+
+class CodeGenPreTrainedModel(nn.Module):
+    """Config handling, weight init, qkv layout hooks and the checkpoint methods shared by both models."""
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: CodeGenConfig):
+        super().__init__()
+        self.config = config
+
+    def init_weights(self, module: nn.Module | None = None) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, zero biases, unit layer norms."""
+        std = self.config.initializer_range
+        for m in (module or self).modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load a hub id or folder (``torch_dtype=``, ``device_map=``/``device=``, ``quantize=``)."""
+        from .checkpoint import load_model
+
+        return load_model(name_or_path, model_class=cls, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write config.json and (sharded) safetensors in the official layout; transformers loads them unchanged."""
+        from .checkpoint import save_model
+
+        save_model(self, save_directory, **kwargs)
+
+
+class CodeGenModel(CodeGenPreTrainedModel):
+    """The transformer body: embeddings, blocks, final layer norm; returns hidden states."""
+
+    def __init__(self, config: CodeGenConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(CodeGenBlock(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.register_buffer("rotary", rotary_table(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CodeGenModel":
+        # The rotary table stays fp32 whatever dtype the weights are cast to (the original computes it in fp32).
+        super()._apply(fn, recurse)
+        self.rotary = self.rotary.float()
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.wte = embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple[Any, ...]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = use_cache and not self.training
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=x.device).expand(b, t)
+        position_ids = position_ids.reshape(-1, t).expand(b, t)
+        check_positions(position_ids, self.config.n_positions)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids.reshape(-1, t))
+
+        # Causal over [past + new] keys, and padded keys (attention_mask == 0) hidden. A query always sees
+        # itself, so rows of left padding stay finite (their outputs are never used).
+        key_pos = torch.arange(past_len + t, device=x.device)
+        query_pos = key_pos[past_len:, None]
+        mask = (key_pos[None, :] <= query_pos)[None, None]
+        if attention_mask is not None:
+            keep = attention_mask.to(torch.bool).reshape(b, 1, 1, past_len + t)
+            mask = (mask & keep) | (key_pos[None, :] == query_pos)[None, None]
+
+        hidden_states, attentions, presents = [], [], []
+        x = self.drop(x)
+        sin, cos = self._rotary(position_ids)
+        for i, block in enumerate(self.h):
+            if output_hidden_states:
+                hidden_states.append(x)
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training:
+                x, present, weights = torch.utils.checkpoint.checkpoint(
+                    block, x, sin, cos, mask, past=past, output_attentions=bool(output_attentions), use_reentrant=False
+                )
+            else:
+                x, present, weights = block(x, sin, cos, mask, past=past, output_attentions=bool(output_attentions))
+            presents.append(present)
+            attentions.append(weights)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=tuple(presents) if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sin, cos = self.rotary[positions].unsqueeze(2).chunk(2, dim=-1)  # [b, t, 1, r/2] each
+        return sin, cos
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int
+    ) -> torch.Tensor:
+        """The inference path: tokens at ``positions`` ``[b, t]`` of cache rows ``rows``; keys are the slots
+        ``< kv_len``. A token sees the slots up to its own position, so rows of different lengths (and
+        right padding in a prefill) need no other mask. Returns the final hidden states."""
+        x = self.wte(input_ids)
+        sin, cos = self._rotary(positions)
+        mask = (torch.arange(kv_len, device=x.device) <= positions[:, None, :, None])  # [b, 1, t, kv_len]
+        for i, block in enumerate(self.h):
+            x, _, _ = block(x, sin, cos, mask, cache=(cache, i, rows, positions, kv_len))
+        return self.ln_f(x)
+
+
+def check_positions(position_ids: torch.Tensor, n_positions: int) -> None:
+    if position_ids.numel() and int(position_ids.max()) >= n_positions:
+        raise ValueError(
+            f"sequence reaches position {int(position_ids.max())}, but the model has only {n_positions} positions; "
+            f"shorten the prompt or lower max_new_tokens"
+        )
+
+
+class CodeGenForCausalLM(CodeGenPreTrainedModel):
+    """CodeGenModel plus the (untied) language-model head; logits are returned in fp32."""
+
+    def __init__(self, config: CodeGenConfig):
+        super().__init__(config)
+        self.transformer = CodeGenModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.init_weights(self.lm_head)  # the body initialised itself
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutputWithPast | tuple[Any, ...]:
+        body = self.transformer(
+            input_ids, past_key_values, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )
+        logits = self.lm_head(body.last_hidden_state).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+            )
+        out = CausalLMOutputWithPast(loss, logits, body.past_key_values, body.hidden_states, body.attentions)
+        return out if return_dict is not False else out.to_tuple()
+
+    def logits_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Inference forward through the KV cache; fp32 logits of the tokens at index ``last`` ``[b]`` of each
+        row (the final one when None), ``[b, vocab]``."""
+        hidden = self.transformer.forward_cached(input_ids, positions, cache, rows, kv_len)
+        hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
+        return self.lm_head(hidden).float()
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """transformers-style ``generate``: returns the input ids (left padding kept) followed by the new ids."""
+        from .generate import hf_generate
+
+        return hf_generate(self, input_ids, attention_mask, **kwargs)
+
+
+class AutoModelForCausalLM:
+    """``AutoModelForCausalLM.from_pretrained(...)`` returns a CodeGenForCausalLM (the only architecture here)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> CodeGenForCausalLM:
+        return CodeGenForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+    @staticmethod
+    def from_config(config: CodeGenConfig) -> CodeGenForCausalLM:
+        return CodeGenForCausalLM(config)
+
+
+class AutoConfig:
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> CodeGenConfig:
+        return CodeGenConfig.from_pretrained(name_or_path, **kwargs)
