@@ -1,0 +1,110 @@
+"""Checkpoints: official layout in and out, .bin/.safetensors, sharded, and every error path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import build_model
+from safetensors.torch import load_file, save_file
+
+from codegen_lm import CodeGenForCausalLM
+from codegen_lm.checkpoint import load_model
+from codegen_lm.hub import CheckpointNotFoundError
+
+IDS = torch.arange(0, 960, 40)[None]
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.mark.parametrize(
+    "save_kwargs",
+    [dict(safe_serialization=True), dict(safe_serialization=False), dict(safe_serialization=True, max_shard_size="100KB"),
+     dict(safe_serialization=False, max_shard_size="100KB")],
+    ids=["safetensors", "bin", "sharded-safetensors", "sharded-bin"],
+)
+def test_transformers_checkpoint_loads_in_ours(save_kwargs, tmp_path):
+    torch.manual_seed(0)
+    theirs = transformers.CodeGenForCausalLM(
+        transformers.CodeGenConfig(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)
+    ).eval()
+    theirs.save_pretrained(tmp_path, **save_kwargs)
+    if "max_shard_size" in save_kwargs:
+        assert any("index.json" in p.name for p in tmp_path.iterdir())
+    ours = CodeGenForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shard", [None, "60KB"])
+def test_our_checkpoint_loads_in_transformers_and_back(shard, tmp_path):
+    ours = build_model()
+    ours.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert ("model.safetensors.index.json" in names) == bool(shard)
+    theirs = transformers.CodeGenForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=1e-5)
+    again = CodeGenForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_dtype_and_old_buffers(tmp_path):
+    ours = build_model()
+    state = ours.state_dict()
+    state["transformer.h.0.attn.causal_mask"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e9)
+    ours.config.save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    half = load_model(tmp_path, torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.transformer.rotary.dtype == torch.float32
+    assert (logits(half) - logits(ours)).abs().max() < 0.05
+    assert load_model(tmp_path, dtype="fp16").dtype == torch.float16
+
+
+def test_errors_name_the_problem(tmp_path):
+    build_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        load_model(tmp_path, dtype="int3")
+
+    wrong = dict(state, **{"lm_head.bias": torch.zeros(7)})
+    save_file(wrong, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'lm_head.bias' has shape \(7,\).*expects \(1000,\)"):
+        load_model(tmp_path)
+
+    missing = {k: v for k, v in state.items() if k != "transformer.ln_f.weight"}
+    save_file(missing, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'transformer.ln_f.weight' \(shape \(64,\)\) is missing"):
+        load_model(tmp_path)
+
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(tmp_path)
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointNotFoundError, match="no weights"):
+        load_model(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        load_model(tmp_path)
+
+
+def test_offline_hub_id_gives_one_line_message():
+    with pytest.raises(CheckpointNotFoundError, match="no network and not in the hub cache") as info:
+        load_model("Salesforce/codegen-350M-mono")
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointNotFoundError, match="neither an existing folder nor a valid hub id"):
+        load_model("no such/folder/here")
+
+
+def test_cuda_requested_without_cuda_is_clear(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    build_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_model(tmp_path, device="cuda")
