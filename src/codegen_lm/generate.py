@@ -112,6 +112,8 @@ class TextStream:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if self.tokenizer is None:
+            return ""  # id-level generation: no text
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""  # a multi-byte character is still incomplete
@@ -169,6 +171,8 @@ class Scheduler:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.config = model.config
         self.eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        # Released models have 51200 logit rows for 50295 tokens: the padding rows must never be sampled.
+        self.vocab_limit = min(len(tokenizer), self.config.vocab_size) if tokenizer is not None else self.config.vocab_size
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
@@ -179,6 +183,8 @@ class Scheduler:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; checks it fully before any work starts."""
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("text prompts and stop strings need a tokenizer; pass token ids or give the scheduler a tokenizer")
         prompt_ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token of text")
@@ -308,6 +314,7 @@ class Scheduler:
         return self._append_all([self.running[i] for i in rows], logits[rows])
 
     def _append_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
+        logits[:, self.vocab_limit :] = float("-inf")
         tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs]).tolist()
         return [self._append(seq, token, row_logits) for seq, token, row_logits in zip(seqs, tokens, logits)]
 
@@ -451,7 +458,7 @@ def hf_generate(
         seed=seed,
     )
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-    results = Generator(model, tokenizer or _IdsOnly(), max_batch=max(16, num_return_sequences)).complete(prompts, params)
+    results = Generator(model, tokenizer, max_batch=max(16, num_return_sequences)).complete(prompts, params)
     new = [c.token_ids for r in results for c in r]
     longest = max(len(t) for t in new)
     out = torch.full((len(new), width + longest), pad, dtype=input_ids.dtype)
@@ -460,12 +467,3 @@ def hf_generate(
         out[i, width : width + len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     return out.to(input_ids.device)
 
-
-class _IdsOnly:
-    """Stand-in tokenizer for id-level generation without stop strings: text is not needed."""
-
-    def decode(self, ids: list[int]) -> str:
-        return ""
-
-    def encode(self, text: str) -> list[int]:
-        raise ValueError("pass token ids (a tokenizer is needed to encode text)")

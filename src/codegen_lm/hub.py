@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
 
@@ -30,15 +33,29 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, required: bool 
     return _hub_file(name, filename, required)
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the hub answers at all; without this check an offline machine waits through ~25 s of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_file(repo_id: str, filename: str, required: bool) -> Path | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     from huggingface_hub.utils import logging as hub_logging
 
-    hub_logging.set_verbosity_error()  # no retry chatter: the error below says what happened
+    hub_logging.set_verbosity_error()  # no retry chatter: the errors below say what happened
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=not hub_reachable()))
     except HFValidationError:
         raise CheckpointNotFoundError(
             f"{repo_id!r} is neither an existing folder nor a valid hub id (like {DEFAULT_MODEL})"
@@ -80,10 +97,11 @@ def list_files(name_or_path: str | os.PathLike) -> list[str]:
         return sorted(p.name for p in Path(name).iterdir() if p.is_file())
     from huggingface_hub import list_repo_files
 
+    if not hub_reachable():
+        return []  # callers fall back to trying well-known names one by one (from the cache)
     try:
         return sorted(list_repo_files(name))
     except Exception:
-        # Offline: nothing to list; callers fall back to trying well-known names one by one.
         return []
 
 
