@@ -161,6 +161,7 @@ def test_tricky_text_matches_transformers(bpe_folder, name, options):
         assert tok.encode(text) == ids
         assert tok.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
         assert tok.tokenize(text) == ref.tokenize(text)
+    assert tok.convert_tokens_to_ids(["no-such-token", "Ġworld"]) == ref.convert_tokens_to_ids(["no-such-token", "Ġworld"])
 
 
 @pytest.mark.slow

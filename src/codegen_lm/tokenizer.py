@@ -157,7 +157,7 @@ def _load_model(vocab_file: str | os.PathLike | None, merges_file: str | os.Path
         if not Path(path).is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
     try:
-        model = BPE.from_file(str(vocab_file), str(merges_file))
+        model = BPE.from_file(str(vocab_file), str(merges_file), continuing_subword_prefix="", end_of_word_suffix="")
     except Exception as e:
         raise ValueError(
             f"cannot read the BPE vocabulary {vocab_file} / {merges_file} ({e}); the files are corrupt or not "
@@ -415,7 +415,9 @@ class CodeGenTokenizer:
             raise ValueError(f"truncation={truncation!r}: use True, False, 'longest_first' or 'do_not_truncate'")
         truncation = truncation not in (False, "do_not_truncate")
 
-        encode = self._tokenizer.encode_batch if return_offsets_mapping else self._tokenizer.encode_batch_fast
+        # encode_batch_fast (tokenizers >= 0.21) skips computing offsets.
+        encode = self._tokenizer.encode_batch if return_offsets_mapping else getattr(
+            self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         encodings = encode(texts, is_pretokenized=is_split_into_words, add_special_tokens=False)
         ids = [e.ids for e in encodings]
         offsets = [e.offsets for e in encodings] if return_offsets_mapping else None
