@@ -336,6 +336,32 @@ def serve_command(
           max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
 
 
+@app.command("chat")
+def chat_command(
+    file: str = typer.Argument(None, help="Session file (.py) to continue, or to create; rewritten after every change. "
+                               "Default: a new file in ~/.local/state/codegen-lm/sessions."),
+    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    prelude: str = typer.Option(None, "--prelude", help="File whose text starts a new session (default: MTPB's "
+                                "'# Import libraries.' and numpy import)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens per turn."),
+    temperature: float = typer.Option(0.2, "--temperature", "-t", help="0 is greedy; MTPB samples at 0.2."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (MTPB: 0.95)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling; each later sample takes the next seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+) -> None:
+    """Write a program step by step: each line you type says what the next step should do, and the model writes
+    its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
+    from .chat import run
+    from .generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize))
+    if status:
+        raise typer.Exit(status)
+
+
 def main() -> None:
     """Entry point: run the app; user mistakes print one line and exit non-zero (CODEGEN_LM_DEBUG=1 shows tracebacks)."""
     try:

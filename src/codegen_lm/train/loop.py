@@ -251,29 +251,62 @@ def wrap_distributed(model: nn.Module, cfg: TrainConfig, env: Dist) -> nn.Module
 # Checkpoints
 
 
-def _state_options(**kwargs: Any) -> Any:
+def _state_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _write_weights(model_state: dict[str, torch.Tensor], config: Any, folder: Path) -> None:
-    """config.json + model.safetensors in the official layout, from a full (official-layout) state dict."""
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_parameters(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Whole parameters by name, on CPU, in the model's in-memory layout (a collective under FSDP).
+
+    Parameters rather than ``state_dict()``: the model's state-dict hooks re-order qkv rows, which does not
+    work on FSDP's sharded tensors; here the re-ordering happens once, on whole tensors, when writing.
+    """
+    return {name: _full(p.detach()).cpu() for name, p in _unwrap(model).named_parameters()
+            if p.requires_grad or not trainable_only}
+
+
+def load_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the (possibly sharded) parameters of the same names."""
+    params = dict(_unwrap(model).named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint parameter {unknown[0]!r} is not in the model; was it written by another run?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            p = params[name]
+            if hasattr(p, "device_mesh"):  # FSDP: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor.to(p.device), p.device_mesh, p.placements)
+            p.copy_(tensor)
+
+
+def write_model(params: dict[str, torch.Tensor], config: Any, folder: Path) -> None:
+    """config.json + model.safetensors in the official layout (lead's save_model) from whole parameters."""
     from ..checkpoint import save_model
     from ..model import CodeGenForCausalLM
 
     with torch.device("meta"):
         shell = CodeGenForCausalLM(config)
-    shell.load_state_dict(model_state, assign=True)
+    for name, tensor in params.items():
+        module, _, attr = name.rpartition(".")
+        setattr(shell.get_submodule(module), attr, nn.Parameter(tensor, requires_grad=False))
     save_model(shell, folder)
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, cfg: TrainConfig, env: Dist) -> None:
     """checkpoints/step-N, written into a temporary folder and renamed: a crash never leaves half of one."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    params = full_parameters(model, trainable_only=bool(cfg.lora_rank))
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_options())
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}"
     if env.main:
@@ -287,9 +320,9 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         if cfg.lora_rank:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model_state.items() if "lora_" in k}, tmp / "adapter.safetensors")
+            save_file({k: v.contiguous() for k, v in params.items()}, tmp / "adapter.safetensors")
         else:
-            _write_weights(model_state, base_model(model).config, tmp)
+            write_model(params, base_model(model).config, tmp)
         torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -304,13 +337,19 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, env: Dist) -> int:
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    model_state = load_file(path / ("adapter.safetensors" if cfg.lora_rank else "model.safetensors"))
+    if cfg.lora_rank:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path / "adapter.safetensors")
+    else:
+        from ..checkpoint import load_model
+
+        tensors = dict(load_model(path, dtype=torch.float32).named_parameters())
+    load_parameters(model, tensors)
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
-                   options=_state_options(strict=not cfg.lora_rank))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_state_options())
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng-{env.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more processes than wrote the checkpoint
@@ -413,6 +452,9 @@ def evaluate(model: nn.Module, blocks: PackedBlocks, batch_size: int, max_batche
         total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
         total[1] += (targets != -100).sum()
     model.train()
+    for module in model.modules():  # FSDP keeps the root unsharded after a forward with no backward
+        if hasattr(module, "reshard"):
+            module.reshard()
     total = env.sum(total)
     return float(total[0] / total[1]) if total[1] else float("nan")
 
@@ -590,20 +632,17 @@ def _check_settings(cfg: TrainConfig, total_steps: int, warmup: int) -> None:
 
 def save_final(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, env: Dist) -> None:
     """The finished model in ``out``: full weights (LoRA merged in) + tokenizer, plus the adapter alone."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     if cfg.lora_rank:
         if env.main:
-            peft_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            peft_model.save_pretrained(str(out / "adapter"))
-            merged = peft_model.merge_and_unload()
             from ..checkpoint import save_model
 
-            save_model(merged, out)
+            peft_model = _unwrap(model)
+            peft_model.save_pretrained(str(out / "adapter"))
+            save_model(peft_model.merge_and_unload(), out)
     else:
-        state = get_model_state_dict(model, options=_state_options())
+        params = full_parameters(model)
         if env.main:
-            _write_weights(state, base_model(model).config, out)
+            write_model(params, base_model(model).config, out)
     if env.main:
         tokenizer.save_pretrained(str(out))
     env.barrier()
