@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -114,8 +116,6 @@ def test_repl_in_a_terminal(checkpoint, env, tmp_path):
 
 @pytest.mark.slow
 def test_scripted_without_a_terminal(checkpoint, env, tmp_path):
-    import subprocess
-
     lines = ["Assign 42 to x.", "Print x.", "/edit 1", "/edit 2", "/run", "/retry 2", "1", "/undo", "/load missing.py", ""]
     done = subprocess.run([sys.executable, *chat_args(checkpoint, "s.py")], cwd=tmp_path, env=env, text=True,
                           input="\n".join(lines), capture_output=True, timeout=120)
@@ -135,10 +135,25 @@ def test_scripted_without_a_terminal(checkpoint, env, tmp_path):
 
 @pytest.mark.slow
 def test_bad_session_file_fails_before_loading_the_model(env, tmp_path):
-    import subprocess
-
     (tmp_path / "bad.py").write_bytes(b"# %% prelude\n# %% turn 1\nx = 1\n")
     done = subprocess.run([sys.executable, "-m", "codegen_lm.cli", "chat", "bad.py", "-m", "no/such-model"],
                           cwd=tmp_path, env=env, text=True, input="", capture_output=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("error: bad.py, line 3:")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_chat_loses_no_turn(checkpoint, env, tmp_path):
+    chat = subprocess.Popen([sys.executable, *chat_args(checkpoint, "s.py")], cwd=tmp_path, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    chat.stdin.write("Assign 42 to x.\n/program\n")
+    chat.stdin.flush()
+    program = ""
+    while "# Assign 42 to x.\n" not in program[program.find("import numpy") :]:  # /program has run
+        line = chat.stdout.readline()
+        assert line, "chat ended before /program ran"
+        program += line
+    chat.send_signal(signal.SIGKILL)
+    chat.wait()
+    turns = Session.load(tmp_path / "s.py").turns
+    assert [t.spec for t in turns] == ["Assign 42 to x."] and turns[0].code in program

@@ -12,6 +12,7 @@ stderr and the exit status is 1 if any line failed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -69,7 +70,7 @@ class Chat:
         self.session, self.path, self.interactive = session, path, interactive
         # Scripted output must not be wrapped at 80 columns: it is code and program output.
         self.out = Console(highlight=False, soft_wrap=not interactive)
-        self.err = Console(stderr=True, highlight=False)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=not interactive)
         self.failed = False
         self._read: Callable[[str], str] = self._prompt_reader() if interactive else _line_reader()
 
@@ -90,7 +91,7 @@ class Chat:
             if not self.handle(line.strip()):
                 break
         self.note(f"session saved in {self.path}")
-        return 1 if self.failed else 0
+        return 1 if self.failed and not self.interactive else 0
 
     def handle(self, line: str) -> bool:
         """Run one input line; False to quit. Errors are shown, never fatal; changes are saved at once."""
@@ -111,7 +112,10 @@ class Chat:
         except (ValueError, OSError) as e:
             self.error(str(e))
         if self.session is session and self.session.version != before:
-            self.session.save(self.path)
+            try:
+                self.session.save(self.path)
+            except OSError as e:
+                self.error(f"could not save the session to {self.path} ({e}); /save it elsewhere")
         return True
 
     # -- output ---------------------------------------------------------------------------------------
@@ -363,6 +367,8 @@ def run(file: str | None, prelude_file: str | None, params: SamplingParams, load
     else:
         prelude = Path(prelude_file).read_text(encoding="utf-8") if prelude_file is not None else MTPB_PRELUDE
         turns = []
-    session = Session(load(), prelude, turns, params)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive and importlib.util.find_spec("prompt_toolkit") is None:
+        raise ValueError("the interactive chat needs prompt_toolkit: pip install 'codegen-lm[chat]'")
+    session = Session(load(), prelude, turns, params)
     return Chat(session, path or new_session_path(), interactive).loop()
