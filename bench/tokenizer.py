@@ -102,28 +102,54 @@ def measure(tokenizers: dict, texts: list[str], ids: list[list[int]], repeats: i
     return {n: {t: statistics.median(v) for t, v in by_task.items()} for n, by_task in times.items()}
 
 
-def transformers_references(bpe_folder: str) -> dict:
+def contenders(bpe_folder: str) -> dict:
+    """Ours and this interpreter's transformers CodeGen tokenizers, all built from the same BPE files."""
+    import tokenizers
     import transformers
 
-    refs = {}
+    from codegen_lm.tokenizer import CodeGenTokenizerFast
+
+    folder = Path(bpe_folder)
+    found = {f"codegen_lm (tokenizers {tokenizers.__version__})": CodeGenTokenizerFast(folder / "vocab.json", folder / "merges.txt")}
     for name in ("CodeGenTokenizer", "CodeGenTokenizerFast"):
         cls = getattr(transformers, name)
-        if any(type(r) is cls for r in refs.values()):
+        if any(type(t) is cls for t in found.values()):
             continue  # transformers 5: both names are one class
         tok = cls.from_pretrained(bpe_folder)
         tok.add_tokens(WHITESPACE_TOKENS)
         assert len(tok) == 50295, len(tok)
-        refs[f"transformers {transformers.__version__} {name}"] = tok
-    return refs
+        found[f"transformers {transformers.__version__} {name}"] = tok
+    return found
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Runs under another interpreter (transformers 4): time its tokenizers, print JSON."""
-    corpus = json.loads(Path(args.corpus).read_text())
-    refs = transformers_references(args.bpe_folder)
-    notes = check(refs, corpus["texts"], corpus["ids"])
-    result = measure(refs, corpus["texts"], corpus["ids"], args.repeats)
-    print(json.dumps({"times": result, "notes": notes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+def run_group(bpe_folder: str, texts: list[str], repeats: int, show_progress: bool) -> dict:
+    """Check, then time, ours and the transformers tokenizers of this interpreter, interleaved."""
+    toks = contenders(bpe_folder)
+    ids = next(iter(toks.values()))(texts)["input_ids"]
+    notes = check(toks, texts, ids)
+    if show_progress:
+        from rich.progress import Progress
+
+        with Progress() as progress:
+            bar = progress.add_task("timing", total=repeats)
+            times = measure(toks, texts, ids, repeats, lambda: progress.advance(bar))
+    else:
+        times = measure(toks, texts, ids, repeats)
+    return {"times": times, "notes": notes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def print_group(title: str, group: dict, size_mb: float) -> None:
+    times = group["times"]
+    ours = next(iter(times.values()))
+    width = max(map(len, times)) + 2
+    print(f"\n{title} (peak RSS of the process {group['peak_rss_mb']:.0f} MB)")
+    print(f"{'MB/s':<{width}}" + "".join(f"{t:>17}" for t in TASKS))
+    for name, secs in times.items():
+        print(f"{name:<{width}}" + "".join(f"{size_mb / secs[t]:>17.2f}" for t in TASKS))
+    for name, secs in list(times.items())[1:]:
+        print(f"{'ours vs ' + name.split(' (')[0]:<{width}}" + "".join(f"{secs[t] / ours[t]:>16.2f}x" for t in TASKS))
+    for note in group["notes"] or ["same ids everywhere; every decode reproduces the source exactly"]:
+        print(f"check: {note}")
 
 
 def main() -> None:
@@ -132,62 +158,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
     parser.add_argument("--transformers4-python", help="interpreter with transformers 4.x, for its slow tokenizer")
     parser.add_argument("--transformers4-repeats", type=int, default=3, help="rounds for the transformers 4 worker")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--corpus", help=argparse.SUPPRESS)
-    parser.add_argument("--bpe-folder", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # corpus JSON; runs one group, prints JSON
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # codegen_lm without installing it
+        job = json.loads(Path(args.worker).read_text())
+        print(json.dumps(run_group(job["bpe_folder"], job["texts"], args.repeats, show_progress=False)))
+        return
 
-    from rich.progress import Progress
-
-    from codegen_lm import CodeGenTokenizerFast
     from codegen_lm.tokenizer import DATA
 
     texts = load_corpus(args.mb)
     size_mb = sum(len(t.encode()) for t in texts) / 1e6
     print(f"CPU: {cpu_description()}")
     print(f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset: Rust uses all cores)')}")
-    print(f"corpus: {len(texts)} stdlib .py files, {size_mb:.2f} MB; {args.repeats} rounds, medians")
+    print(f"corpus: {len(texts)} stdlib .py files, {size_mb:.2f} MB; medians of interleaved rounds; ratios > 1: ours faster")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("vocab.json", "merges.txt"):  # the same files for every tokenizer
             shutil.copy(DATA / name, Path(tmp) / name)
-        tokenizers = {"codegen_lm CodeGenTokenizerFast": CodeGenTokenizerFast(Path(tmp) / "vocab.json", Path(tmp) / "merges.txt")}
-        tokenizers.update(transformers_references(tmp))
-        ids = tokenizers["codegen_lm CodeGenTokenizerFast"](texts)["input_ids"]
-        notes = check(tokenizers, texts, ids)
-        with Progress() as progress:
-            bar = progress.add_task("timing", total=args.repeats)
-            results = measure(tokenizers, texts, ids, args.repeats, lambda: progress.advance(bar))
-        peak = {"this process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        print_group(f"this interpreter, {args.repeats} rounds", run_group(tmp, texts, args.repeats, True), size_mb)
         if args.transformers4_python:
-            corpus = Path(tmp) / "corpus.json"
-            corpus.write_text(json.dumps({"texts": texts, "ids": ids}))
-            print(f"timing transformers 4 under {args.transformers4_python} ...", flush=True)
+            job = Path(tmp) / "job.json"
+            job.write_text(json.dumps({"bpe_folder": tmp, "texts": texts}))
+            print(f"\ntiming under {args.transformers4_python} ...", flush=True)
             run = subprocess.run(
-                [args.transformers4_python, __file__, "--worker", "--corpus", str(corpus), "--bpe-folder", tmp,
-                 "--repeats", str(args.transformers4_repeats)],
+                [args.transformers4_python, __file__, "--worker", str(job), "--repeats", str(args.transformers4_repeats)],
                 capture_output=True, text=True,
             )
             if run.returncode != 0:
                 sys.exit(f"the transformers 4 worker failed:\n{run.stderr[-3000:]}")
-            t4 = json.loads(run.stdout.strip().splitlines()[-1])
-            peak["transformers 4 worker"] = t4["peak_rss_mb"]
-            results.update(t4["times"])
-            notes += t4["notes"]
-
-    ours = results["codegen_lm CodeGenTokenizerFast"]
-    width = max(map(len, results))
-    print(f"\n{'MB/s':<{width}}  " + "  ".join(f"{t:>16}" for t in TASKS))
-    for name, secs in results.items():
-        print(f"{name:<{width}}  " + "  ".join(f"{size_mb / secs[t]:>16.2f}" for t in TASKS))
-    print(f"\n{'ours / theirs (speed)':<{width}}  " + "  ".join(f"{t:>16}" for t in TASKS))
-    for name, secs in results.items():
-        if secs is not ours:
-            print(f"{name:<{width}}  " + "  ".join(f"{secs[t] / ours[t]:>15.2f}x" for t in TASKS))
-    print("\npeak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in peak.items()))
-    for note in notes or ["all tokenizers give the same ids, and decode reproduces the source exactly"]:
-        print(f"check: {note}")
+            group = json.loads(run.stdout.strip().splitlines()[-1])
+            print_group(f"{args.transformers4_python}, {args.transformers4_repeats} rounds", group, size_mb)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ class CodeGenTokenizer:
         for name, value in tokens.items():
             setattr(self, name, None if value is None else str(value.content if isinstance(value, AddedToken) else value))
         self._tokenizer = backend
+        self._size = backend.get_vocab_size(with_added_tokens=True)  # fixed from here on; costly in some versions
 
     @staticmethod
     def _add_at(backend: Tokenizer, content: str, token_id: int) -> None:
@@ -330,7 +331,7 @@ class CodeGenTokenizer:
         return self._base_size
 
     def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        return self._size
 
     def get_vocab(self) -> dict[str, int]:
         return self._tokenizer.get_vocab(with_added_tokens=True)
@@ -499,9 +500,9 @@ class CodeGenTokenizer:
     # ---- decoding -----------------------------------------------------------------------------------------
 
     def _check_ids(self, ids: list[int]) -> list[int]:
-        if ids and (min(ids) < 0 or max(ids) >= len(self)):
-            bad = next(i for i in ids if not 0 <= i < len(self))
-            raise ValueError(f"token id {bad} is out of range: this tokenizer has {len(self)} tokens (ids 0..{len(self) - 1})")
+        if ids and (min(ids) < 0 or max(ids) >= self._size):
+            bad = next(i for i in ids if not 0 <= i < self._size)
+            raise ValueError(f"token id {bad} is out of range: this tokenizer has {self._size} tokens (ids 0..{self._size - 1})")
         return ids
 
     def _decode_bytes(self, ids: list[int], skip_special_tokens: bool) -> str:
