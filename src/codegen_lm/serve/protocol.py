@@ -1,0 +1,232 @@
+"""The wire format: OpenAI-style request bodies (checked against the server's limits), the responses and
+stream chunks built from scheduler outputs, and the OpenAI error shape."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..generate import Completion, SamplingParams
+
+# Chat turns end where the next turn's spec (a comment) or a docstring block would start, like MTPB's
+# truncation patterns (^#, ^''', ^""", three newlines), as plain stop strings.
+CHAT_STOP = ["\n#", "\n'''", '\n"""', "\n\n\n"]
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may ask for (every one answered with a 400 naming the limit)."""
+
+    max_tokens: int = 1024  # per completion
+    max_n: int = 16
+    max_prompts: int = 16  # entries of a prompt list
+    max_stop: int = 4
+    max_stop_length: int = 64  # characters
+    max_messages: int = 64  # chat turns
+    max_body_bytes: int = 1 << 20
+    body_timeout: float = 10.0  # seconds to receive the whole body
+    request_timeout: float = 300.0  # seconds from arrival to the last token
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        kind = self.TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# -- requests --------------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # an extension (vLLM has it too); 0 = no limit
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**62)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"  # OpenAI's default
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text ones are meaningful here
+            kinds = {p.get("type") for p in self.content}
+            if kinds - {"text"}:
+                raise ApiError(400, f"only text content parts are supported (got {sorted(map(str, kinds - {'text'}))})",
+                               param="messages")
+            return "".join(str(p.get("text", "")) for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body; the first problem becomes a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise ApiError(400, f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
+
+
+def sampling_params(req: _Request, limits: Limits, max_tokens: int | None, default_max_tokens: int,
+                    logprobs: bool = False, extra_stop: list[str] = ()) -> SamplingParams:
+    """Check the request against ``limits`` and turn it into SamplingParams."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported; leave it at 0", param=name)
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                       param="max_tokens")
+    if req.n > limits.max_n:
+        raise ApiError(400, f"n is {req.n}; this server allows at most {limits.max_n}", param="n")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > limits.max_stop:
+        raise ApiError(400, f"{len(stop)} stop sequences given; at most {limits.max_stop} are allowed", param="stop")
+    for s in stop:
+        if not s or len(s) > limits.max_stop_length:
+            raise ApiError(400, f"each stop sequence must have 1 to {limits.max_stop_length} characters "
+                                f"(got {len(s)})", param="stop")
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, n=req.n,
+        stop=stop + [s for s in extra_stop if s not in stop], seed=req.seed, logprobs=logprobs,
+    )
+
+
+def check_prompt_length(prompts: list[list[int]], max_tokens: int, n_positions: int) -> None:
+    for i, ids in enumerate(prompts):
+        which = "prompt" if len(prompts) == 1 else f"prompt {i}"
+        if not ids:
+            raise ApiError(400, f"{which} is empty; give at least one token of text", param="prompt")
+        if len(ids) + max_tokens > n_positions:
+            raise ApiError(
+                400,
+                f"{which} has {len(ids)} tokens; with max_tokens {max_tokens} the limit is "
+                f"{n_positions - max_tokens} prompt tokens (the model has {n_positions} positions)",
+                param="prompt", code="context_length_exceeded",
+            )
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's four prompt forms as a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+# -- chat ------------------------------------------------------------------------------------------------
+
+PRELUDE = "# Import libraries.\n\nimport numpy as np\n\n"
+
+
+def _comment(text: str) -> str:
+    return "".join(f"# {line}".rstrip() + "\n" for line in text.strip().splitlines() or [""])
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """A conversation as a multi-turn synthesis prompt (MTPB's format): system text as leading comments, the
+    prelude, then per turn the user's spec as comment lines followed by the assistant's code and a blank line;
+    it ends with the last user spec, so the model writes that turn's code."""
+    if messages[-1].role != "user":
+        raise ApiError(400, "the last message must be from the user (the spec the model writes code for)",
+                       param="messages")
+    head = "".join(_comment(m.text()) for m in messages if m.role in ("system", "developer"))
+    parts = [head + ("\n" if head else "") + PRELUDE]
+    for m in messages:
+        if m.role == "user":
+            parts.append(_comment(m.text()))
+        elif m.role == "assistant":
+            parts.append(m.text().strip("\n") + "\n\n")
+    return "".join(parts)
+
+
+# -- responses -------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def token_strings(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    return [tokenizer.decode([t]) for t in token_ids]
+
+
+def completion_logprobs(tokenizer: Any, completion: Completion, offset: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object for the generated tokens. Only the chosen tokens' log-probabilities
+    are computed, so ``top_logprobs`` is null."""
+    tokens = token_strings(tokenizer, completion.token_ids)
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": list(completion.logprobs or []), "top_logprobs": None,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, completion: Completion) -> dict[str, Any]:
+    tokens = token_strings(tokenizer, completion.token_ids)
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(tokens, completion.logprobs or [])]}
+
+
+def envelope(kind: str, response_id: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices,
+            **extra}

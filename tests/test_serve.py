@@ -1,0 +1,510 @@
+"""The completion server against the official openai client and raw HTTP: endpoints, streaming, batching
+parity, limits, auth, and hostile clients. A tiny random-weight checkpoint with the real tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import psutil
+import pytest
+import torch
+import uvicorn
+
+from codegen_lm import CodeGenConfig, CodeGenForCausalLM
+from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.serve import Limits, ServerConfig, create_app, load_api_keys
+from codegen_lm.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
+from codegen_lm.tokenizer import AutoTokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "src" / "codegen_lm" / "data"
+KEY = "sk-test-0123456789"
+MODEL = "codegen-tiny"
+N_POSITIONS = 1024
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve") / MODEL
+    torch.manual_seed(0)
+    config = CodeGenConfig(vocab_size=51200, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=N_POSITIONS)
+    CodeGenForCausalLM(config).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DATA / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generator(checkpoint) -> Generator:
+    return Generator.from_pretrained(str(checkpoint))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(generator: Generator, keys: tuple[str, ...] = (KEY,), max_batch: int = 8, max_queue: int = 64,
+            **limits):
+    app = create_app(Scheduler(generator.model, generator.tokenizer, max_batch),
+                     ServerConfig(MODEL, keys, max_batch, max_queue, Limits(**limits)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield SimpleNamespace(url=url, state=app.state.server, headers={"Authorization": f"Bearer {KEY}"},
+                              client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def srv(generator):
+    with running(generator, body_timeout=1.0, max_body_bytes=64 * 1024) as s:
+        yield s
+
+
+def alone(generator: Generator, prompt: str, **params) -> list:
+    """What a request gets when it is the only one: its own scheduler, nothing else in the batch."""
+    return generator.complete([prompt], SamplingParams(**params))[0]
+
+
+def settle(state, timeout: float = 5.0) -> None:
+    """Wait until the engine holds no sequence (what every test leaves behind)."""
+    deadline = time.monotonic() + timeout
+    while state.engine.pending or state.engine.jobs or state.engine.num_running or state.engine.num_waiting:
+        assert time.monotonic() < deadline, f"engine still busy: pending={state.engine.pending}"
+        time.sleep(0.02)
+
+
+def metric(srv, name: str) -> float:
+    text = httpx.get(srv.url + "/metrics", headers=srv.headers).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+# -- endpoints through the official client -----------------------------------------------------------------
+
+
+def test_models_and_health(srv):
+    assert [m.id for m in srv.client.models.list().data] == [MODEL]
+    health = httpx.get(srv.url + "/health").json()  # no key needed: load balancers probe it
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_completion_is_the_generators(srv, generator):
+    prompt = "def fibonacci(n):\n    "
+    r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    [expected] = alone(generator, prompt, max_new_tokens=12)
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    assert r.choices[0].text == expected.text and r.choices[0].finish_reason == expected.finish_reason
+    n_prompt = len(generator.tokenizer.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+
+
+def test_prompt_list_n_and_seed(srv, generator):
+    # Over a random model's nearly flat distribution, float noise from the batch shape can move an inverse-CDF
+    # draw across a bin edge; top_k=5 makes the bins wide enough that seeds reproduce exactly.
+    prompts = ["import os\n", "class A:\n"]
+    sampling = dict(max_tokens=6, temperature=0.9, top_p=0.95, n=3, seed=11, extra_body={"top_k": 5})
+    r = srv.client.completions.create(model=MODEL, prompt=prompts, **sampling)
+    assert [c.index for c in r.choices] == list(range(6))
+    for c in r.choices:  # sample j of a prompt is that prompt alone with seed 11 + j
+        p, j = divmod(c.index, 3)
+        [expected] = alone(generator, prompts[p], max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=5, seed=11 + j)
+        assert c.text == expected.text
+    assert len({c.text for c in r.choices}) > 1
+    again = srv.client.completions.create(model=MODEL, prompt=prompts, **sampling)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    assert r.usage.completion_tokens == 36
+
+
+def test_token_id_prompt_and_echo(srv, generator):
+    ids = generator.tokenizer.encode("x = [1, 2, 3]\n")
+    r = srv.client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, echo=True)
+    [expected] = alone(generator, "x = [1, 2, 3]\n", max_new_tokens=5)
+    assert r.choices[0].text == "x = [1, 2, 3]\n" + expected.text
+
+
+def test_stop_sequences(srv, generator):
+    prompt = "for i in range(10):\n"
+    [free] = alone(generator, prompt, max_new_tokens=24)
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == free.text[: free.text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models(srv, generator):
+    prompt = "def add(a, b):\n"
+    r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4 and lp.top_logprobs is None
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    ids = torch.tensor([generator.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        first = generator.model(ids).logits[0, -1].float().log_softmax(-1)
+    assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
+
+
+def test_streaming(srv, generator):
+    prompt = "while True:\n"
+    [expected] = alone(generator, prompt, max_new_tokens=16)
+    chunks = list(srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": True, "n": 2, "temperature": 0}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=srv.headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in response.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    indexes = {json.loads(e[6:])["choices"][0]["index"] for e in events[:-1]}
+    assert indexes == {0, 1}
+
+
+def test_chat(srv, generator):
+    messages = [{"role": "user", "content": "Assign the list [3, 1, 2] to xs."},
+                {"role": "assistant", "content": "xs = [3, 1, 2]"},
+                {"role": "user", "content": "Sort xs."}]
+    prompt = chat_prompt([ChatMessage(**m) for m in messages])
+    assert prompt == ("# Import libraries.\n\nimport numpy as np\n\n# Assign the list [3, 1, 2] to xs.\n"
+                      "xs = [3, 1, 2]\n\n# Sort xs.\n")
+    [expected] = alone(generator, prompt, max_new_tokens=10, stop=CHAT_STOP)
+    r = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == len(generator.tokenizer.encode(prompt))
+    chunks = list(srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                     stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    lp = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0, logprobs=True)
+    assert len(lp.choices[0].logprobs.content) == 3
+
+
+def test_fauxpilot_request(srv, generator):
+    # What FauxPilot's Copilot-compatible clients send (engine name in the path, extra fields).
+    body = {"prompt": "def hello():\n", "max_tokens": 8, "temperature": 0.0, "top_p": 1, "n": 1, "stop": ["\n\n"],
+            "stream": False, "logprobs": None, "echo": False, "nwo": "me/repo", "extra": {"language": "python"}}
+    r = httpx.post(srv.url + "/v1/engines/codegen/completions", json=body, headers=srv.headers)
+    assert r.status_code == 200, r.text
+    [expected] = alone(generator, "def hello():\n", max_new_tokens=8, stop=["\n\n"])
+    assert r.json()["choices"][0]["text"] == expected.text
+    with httpx.stream("POST", srv.url + "/v1/engines/codegen/completions", json=dict(body, stream=True),
+                      headers=srv.headers) as response:
+        events = [e for e in response.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == expected.text
+
+
+def test_metrics(srv):
+    srv.client.completions.create(model=MODEL, prompt="a", max_tokens=3, temperature=0)
+    text = httpx.get(srv.url + "/metrics", headers=srv.headers).text
+    for name in ('codegen_requests_total{endpoint="/v1/completions",status="200"}', "codegen_generation_tokens_total",
+                 "codegen_prompt_tokens_total", "codegen_queue_depth", "codegen_running_sequences",
+                 'codegen_request_duration_seconds_bucket{endpoint="/v1/completions"',
+                 "codegen_time_to_first_token_seconds_count"):
+        assert name in text, name
+    assert metric(srv, "codegen_generation_tokens_total") >= 3
+
+
+# -- security and validation -------------------------------------------------------------------------------
+
+
+def test_auth(srv, tmp_path, monkeypatch):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics")):
+            r = httpx.request(method, srv.url + path, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["code"] == "invalid_api_key" and KEY not in r.text
+    bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nsk-a\n\nsk-b\n")
+    monkeypatch.setenv("CODEGEN_LM_API_KEYS", "sk-c, sk-d")
+    assert load_api_keys(keys) == ("sk-a", "sk-b", "sk-c", "sk-d")
+    keys.write_text("\n# none\n")
+    with pytest.raises(ValueError, match="no API key"):
+        load_api_keys(keys)
+
+
+LONG = "x" * 5000  # about 600 tokens: over the limit with max_tokens 600 (1024 positions)
+INVALID = [
+    ({"max_tokens": 5000}, "max_tokens is 5000; this server allows at most 1024"),
+    ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+    ({"n": 17}, "n is 17; this server allows at most 16"),
+    ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "5 stop sequences given; at most 4 are allowed"),
+    ({"stop": "s" * 65}, "each stop sequence must have 1 to 64 characters (got 65)"),
+    ({"stop": [""]}, "each stop sequence must have 1 to 64 characters (got 0)"),
+    ({"prompt": LONG, "max_tokens": 600}, "with max_tokens 600 the limit is 424 prompt tokens (the model has 1024 positions)"),
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": []}, "prompt is an empty list"),
+    ({"prompt": ["a"] * 17}, "17 prompts given; at most 16 per request"),
+    ({"prompt": [1, 2, 99999]}, "prompt token ids must be in [0, 50295)"),
+    ({"prompt": {"a": 1}}, "prompt"),
+    ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
+    ({"top_p": 0}, "top_p: Input should be greater than 0"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty is not supported"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias is not supported"),
+    ({"suffix": "\n    return x"}, "suffix (fill-in-the-middle) is not supported"),
+    ({"best_of": 3}, "best_of is not supported"),
+    ({"echo": True, "logprobs": 1}, "echo with logprobs is not supported"),
+    ({"logprobs": 6}, "logprobs: Input should be less than or equal to 5"),
+    ({"n": 16, "prompt": ["a"] * 5}, "asks for 80 sequences; the server holds at most 72"),
+]
+
+
+@pytest.mark.parametrize("change,message", INVALID, ids=[m[:40] for _, m in INVALID])
+def test_completion_validation(srv, change, message):
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 4, **change}
+    r = httpx.post(srv.url + "/v1/completions", json=body, headers=srv.headers)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_validation_through_client(srv):
+    with pytest.raises(openai.BadRequestError, match="the limit is 424 prompt tokens"):
+        srv.client.completions.create(model=MODEL, prompt=LONG, max_tokens=600)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        srv.client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+CHAT_INVALID = [
+    ({"messages": []}, "messages: List should have at least 1 item"),
+    ({"messages": [{"role": "assistant", "content": "x = 1"}]}, "the last message must be from the user"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "only text content parts are supported"),
+    ({"messages": [{"role": "user", "content": "x"}] * 65}, "65 messages given; at most 64"),
+    ({"top_logprobs": 2, "logprobs": True}, "top_logprobs is not supported"),
+    ({"max_completion_tokens": 2000}, "max_tokens is 2000; this server allows at most 1024"),
+]
+
+
+@pytest.mark.parametrize("change,message", CHAT_INVALID, ids=[m[:40] for _, m in CHAT_INVALID])
+def test_chat_validation(srv, change, message):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Print 1."}], "max_tokens": 4, **change}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=srv.headers)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_bad_bodies(srv):
+    post = lambda **kw: httpx.post(srv.url + "/v1/completions", headers={**srv.headers, **kw.pop("headers", {})}, **kw)
+    r = post(content=b'{"prompt": "x", "max_tokens": ')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post(content=b"\xff\xfe", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert post(json=[1, 2]).json()["error"]["message"] == "the request body must be a JSON object"
+    huge = json.dumps({"prompt": "x" * 100_000}).encode()
+    r = post(content=huge)
+    assert r.status_code == 413 and "limit of 65536 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(100):
+            yield b" " * 1024
+
+    assert post(content=chunks()).status_code == 413
+    r = httpx.get(srv.url + "/v1/nothing", headers=srv.headers)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route /v1/nothing"
+    assert httpx.get(srv.url + "/v1/completions", headers=srv.headers).status_code == 405
+
+
+def _raw(srv, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
+    sock.sendall(data)
+    return sock
+
+
+def test_slow_body_times_out(srv):
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+    sock = _raw(srv, head + b'{"prompt": ')
+    sock.settimeout(5)
+    start = time.monotonic()
+    reply = b""
+    while b"did not arrive" not in reply and (chunk := sock.recv(4096)):
+        reply += chunk
+    reply = reply.decode()
+    sock.close()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
+    assert time.monotonic() - start < 3
+    assert srv.client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices  # still serving
+
+
+# -- load, capacity and faults ----------------------------------------------------------------------------
+
+
+def test_32_concurrent_requests_get_what_they_get_alone(srv, generator):
+    cases = []
+    for i in range(32):
+        params = dict(max_new_tokens=4 + (i * 7) % 37, n=1 + (i % 4 == 0),
+                      stop=[["\n"], [], ["(", "x"], []][i % 4])
+        if i % 3 == 0:  # sampled, reproducible through its seed (top_k keeps float noise from moving a draw)
+            params.update(temperature=0.8, top_p=0.9, top_k=5, seed=i)
+        cases.append((f"# case {i}\n" + "def f(x):\n" * (1 + i % 5), params))
+
+    async def one(client, prompt, params):
+        return await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=params["max_new_tokens"], n=params["n"], stop=params["stop"] or None,
+            temperature=params.get("temperature", 0), top_p=params.get("top_p", 1.0), seed=params.get("seed"),
+            extra_body={"top_k": params.get("top_k", 0)})
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        async with client:
+            return await asyncio.gather(*(one(client, p, params) for p, params in cases))
+
+    responses = asyncio.run(all_at_once())
+    assert len({r.id for r in responses}) == 32
+    for (prompt, params), r in zip(cases, responses):
+        expected = alone(generator, prompt, **params)
+        assert [c.index for c in r.choices] == list(range(params["n"]))
+        assert [c.text for c in r.choices] == [e.text for e in expected], prompt
+        assert [c.finish_reason for c in r.choices] == [e.finish_reason for e in expected]
+        assert r.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
+    settle(srv.state)
+
+
+def test_queue_full_answers_429(generator):
+    with running(generator, max_batch=1, max_queue=1) as s:
+        body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "n": 2, "stream": True, "temperature": 0}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers) as busy:
+            lines = busy.iter_lines()  # (kept referenced: a collected iterator closes the stream)
+            next(lines)  # admitted and generating: both sequence slots are taken
+            with pytest.raises(openai.RateLimitError) as caught:
+                s.client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+            assert int(caught.value.response.headers["retry-after"]) >= 1
+            assert caught.value.response.json()["error"]["code"] == "queue_full"
+        settle(s.state)  # the stream closed mid-way: its rows were freed
+        assert s.client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 3}, headers=s.headers)
+        assert r.status_code == 400 and "holds at most 2" in r.text
+
+
+def test_disconnect_aborts_at_once(srv):
+    before_aborts = metric(srv, 'codegen_aborted_requests_total{reason="disconnect"}')
+    before_tokens = metric(srv, "codegen_generation_tokens_total")
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=srv.headers) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)  # two events in, then the client goes away
+    settle(srv.state)
+    # The same for a request waiting for a whole (non-streamed) answer: close the socket under it.
+    payload = json.dumps({**body, "stream": False}).encode()
+    sock = _raw(srv, (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload)
+    deadline = time.monotonic() + 5
+    while not srv.state.engine.pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    sock.close()
+    settle(srv.state)
+    assert metric(srv, 'codegen_aborted_requests_total{reason="disconnect"}') == before_aborts + 2
+    assert metric(srv, "codegen_generation_tokens_total") - before_tokens < 1500  # far from the 2 x 1000 asked for
+
+
+def test_timeouts(generator):
+    with running(generator, request_timeout=0.3) as s:
+        body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "temperature": 0}
+        r = httpx.post(s.url + "/v1/completions", json=body, headers=s.headers)
+        assert r.status_code == 504 and "did not finish within 0.3 s" in r.json()["error"]["message"]
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, headers=s.headers) as r:
+            events = [e for e in r.read().decode().split("\n\n") if e]
+        assert "did not finish within 0.3 s" in events[-2] and events[-1] == "data: [DONE]"
+        settle(s.state)
+        assert s.client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+
+
+@pytest.mark.slow
+def test_hostile_clients_leave_memory_at_baseline(srv):
+    process = psutil.Process()
+    body = {"model": MODEL, "prompt": "def f():\n" * 50, "max_tokens": 200, "temperature": 0, "n": 4}
+
+    def barrage():
+        for _ in range(3):
+            with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True},
+                              headers=srv.headers) as r:
+                lines = r.iter_lines()
+                next(lines)
+            httpx.post(srv.url + "/v1/completions", content=b"{" * 1000, headers=srv.headers)
+            httpx.post(srv.url + "/v1/completions", content=b"x" * 200_000, headers=srv.headers)
+            sock = _raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            sock.close()
+            srv.client.completions.create(model=MODEL, prompt=body["prompt"], max_tokens=8, n=4, temperature=0)
+        settle(srv.state)
+
+    barrage()  # warm up: the KV cache grows to its working size once
+    baseline = process.memory_info().rss
+    for _ in range(2):
+        barrage()
+    assert process.memory_info().rss - baseline < 40 * 2**20
+    assert httpx.get(srv.url + "/health").json()["pending"] == 0
+
+
+@pytest.mark.slow
+def test_cli_serves_and_shuts_down_gracefully(checkpoint, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    port = free_port()
+    env = {**os.environ, "CODEGEN_LM_API_KEYS": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--api-key-file", str(keys), "--served-model-name", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = {"model": MODEL, "prompt": "def f():", "max_tokens": 300, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)  # in flight: it finishes before the server exits
+            events = [line for line in lines if line]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        output = process.stdout.read()
+        assert "Application shutdown complete" in output and KEY not in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
