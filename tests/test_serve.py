@@ -27,7 +27,8 @@ import uvicorn
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
 from codegen_lm.generate import Generator, SamplingParams, Scheduler
 from codegen_lm.serve import Limits, ServerConfig, create_app, load_api_keys
-from codegen_lm.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
+from codegen_lm.serve.protocol import ChatMessage, chat_turns
+from codegen_lm.session import MTPB_PRELUDE, Session
 from codegen_lm.tokenizer import AutoTokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "codegen_lm" / "data"
@@ -164,7 +165,8 @@ def test_logprobs_are_the_models(srv, generator):
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
     ids = torch.tensor([generator.tokenizer.encode(prompt)])
     with torch.no_grad():
-        first = generator.model(ids).logits[0, -1].float().log_softmax(-1)
+        logits = generator.model(ids).logits[0, -1].float()
+    first = logits[: len(generator.tokenizer)].log_softmax(-1)  # the padding rows are never sampled
     assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
 
 
@@ -185,24 +187,30 @@ def test_streaming(srv, generator):
     assert indexes == {0, 1}
 
 
-def test_chat(srv, generator):
-    messages = [{"role": "user", "content": "Assign the list [3, 1, 2] to xs."},
+def test_chat_is_a_session(srv, generator):
+    messages = [{"role": "system", "content": "You write short programs."},
+                {"role": "user", "content": "Assign the list [3, 1, 2] to xs."},
                 {"role": "assistant", "content": "xs = [3, 1, 2]"},
-                {"role": "user", "content": "Sort xs."}]
-    prompt = chat_prompt([ChatMessage(**m) for m in messages])
-    assert prompt == ("# Import libraries.\n\nimport numpy as np\n\n# Assign the list [3, 1, 2] to xs.\n"
-                      "xs = [3, 1, 2]\n\n# Sort xs.\n")
-    [expected] = alone(generator, prompt, max_new_tokens=10, stop=CHAT_STOP)
-    r = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+                {"role": "user", "content": "Sort xs\nin place."}]
+    prelude, turns, spec = chat_turns([ChatMessage(**m) for m in messages])
+    assert (prelude, turns, spec) == ("# You write short programs.\n\n" + MTPB_PRELUDE,
+                                      [("Assign the list [3, 1, 2] to xs.", "xs = [3, 1, 2]")], "Sort xs in place.")
+    # The server's answer is what a Session with that history says for the last spec.
+    session = Session(generator, prelude, turns, SamplingParams(max_new_tokens=24))
+    expected = session.say(spec)
+    r = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].message.content == expected.code
+    prompt, _ = session.prompt_for(spec, turns)
     assert r.usage.prompt_tokens == len(generator.tokenizer.encode(prompt))
-    chunks = list(srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                     stream=True))
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
-    lp = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0, logprobs=True)
-    assert len(lp.choices[0].logprobs.content) == 3
+    chunks = list(srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                     stream=True, n=2))
+    assert {c.choices[0].index for c in chunks[:2]} == {0, 1} and chunks[0].choices[0].delta.role == "assistant"
+    for j in range(2):
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == j)
+        assert content == expected.code
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
+    assert set(finishes) == {0, 1} and set(finishes.values()) <= {"stop", "length"}
 
 
 def test_fauxpilot_request(srv, generator):
@@ -304,7 +312,12 @@ CHAT_INVALID = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "only text content parts are supported"),
     ({"messages": [{"role": "user", "content": "x"}] * 65}, "65 messages given; at most 64"),
-    ({"top_logprobs": 2, "logprobs": True}, "top_logprobs is not supported"),
+    ({"logprobs": True}, "logprobs is not supported on chat"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]},
+     "an assistant message must follow a user message"),
+    ({"messages": [{"role": "user", "content": " \n "}]}, "a user message is empty"),
+    ({"messages": [{"role": "user", "content": "x " * 1100}], "max_tokens": 1000}, "exceeds the model's 1024 positions"),
     ({"max_completion_tokens": 2000}, "max_tokens is 2000; this server allows at most 1024"),
 ]
 

@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from ..generate import Completion, Scheduler
+from ..generate import Completion, Scheduler, SequenceOutput
+from ..session import CodeCutter, build_prompt
 from . import protocol as P
 from .engine import Engine, EngineClosedError, Job, JobError, QueueFullError
 from .metrics import CountRequests, Metrics
@@ -58,18 +59,6 @@ def load_api_keys(path: str | os.PathLike | None = None) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def never_sample_padding(model: Any, n_tokens: int) -> None:
-    """Released checkpoints have more output rows (51200) than the tokenizer has tokens (50295); the extra rows
-    are padding that no text decodes to. Give them -inf logits so no request can sample one."""
-    if model.config.vocab_size > n_tokens and not hasattr(model.lm_head, "padding_masked"):
-
-        def mask(module: Any, args: Any, logits: Any) -> None:  # returns None: the output is edited in place
-            logits[..., n_tokens:] = float("-inf")
-
-        model.lm_head.register_forward_hook(mask)
-        model.lm_head.padding_masked = True  # several apps may share one model (tests)
-
-
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -82,7 +71,6 @@ class Server:
         self.tokenizer = scheduler.tokenizer
         self.n_positions = scheduler.config.n_positions
         self.vocab_size = len(self.tokenizer)
-        never_sample_padding(scheduler.model, len(self.tokenizer))
         self.engine = Engine(scheduler, config.max_queue)
         self.metrics = Metrics(self.engine)
         self.key_digests = [_digest(k) for k in config.api_keys]
@@ -161,13 +149,14 @@ class Server:
 
     # -- running a job --------------------------------------------------------------------------------
 
-    async def collect(self, job: Job, request: Request, endpoint: str, start: float) -> dict[tuple[int, int], Completion]:
-        """Every completion of a job; aborts it at once if the client goes away or time runs out."""
+    async def collect(self, job: Job, outputs: AsyncIterator[tuple[int, SequenceOutput]], request: Request,
+                      endpoint: str, start: float) -> dict[tuple[int, int], Completion]:
+        """Every completion in a job's ``outputs``; aborts the job at once if the client goes away or time runs out."""
         results: dict[tuple[int, int], Completion] = {}
 
         async def gather() -> None:
             first = True
-            async for p, out in job.outputs(self.limits.request_timeout):
+            async for p, out in outputs:
                 if first and out.token_ids:
                     self.metrics.ttft.labels(endpoint).observe(time.monotonic() - start)
                     first = False
@@ -196,14 +185,15 @@ class Server:
         self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
         return results
 
-    async def stream(self, job: Job, endpoint: str, start: float, chunks: Any) -> AsyncIterator[str]:
-        """Server-sent events: ``chunks(p, out)`` turns each output into chunk dicts; ends with [DONE]. When the
-        client disconnects, Starlette cancels this generator and the ``finally`` frees the rows."""
+    async def stream(self, job: Job, outputs: AsyncIterator[tuple[int, SequenceOutput]], endpoint: str,
+                     start: float, chunks: Any) -> AsyncIterator[str]:
+        """Server-sent events: ``chunks(p, out)`` turns each of a job's ``outputs`` into chunk dicts; ends with
+        [DONE]. When the client disconnects, Starlette cancels this generator and the ``finally`` frees the rows."""
         first = True
         try:
             for chunk in chunks(None, None):  # opening chunks (role, echo)
                 yield _sse(chunk)
-            async for p, out in job.outputs(self.limits.request_timeout):
+            async for p, out in outputs:
                 if first and out.token_ids:
                     self.metrics.ttft.labels(endpoint).observe(time.monotonic() - start)
                     first = False
@@ -242,6 +232,26 @@ def _stream_response(events: AsyncIterator[str], job: Job, server: Server) -> St
     # The background abort covers a client that leaves before the first event (the generator never starts).
     return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(server.engine.abort, job),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def turn_codes(outputs: AsyncIterator[tuple[int, SequenceOutput]], n: int) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    """A chat job's outputs cut into turn code the way a session cuts them (``session.CodeCutter``, MTPB's
+    truncation, applied as the text streams): text is passed on once it is sure to be code, a sample finishes
+    at its cut, and the job ends once every sample is cut."""
+    cutters = [CodeCutter() for _ in range(n)]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    async for p, out in outputs:
+        cutter = cutters[out.index]
+        if cutter.done:  # cut already; the rest of this sample is not code
+            continue
+        tokens[out.index] += out.token_ids
+        piece = cutter.add(out.text)
+        if out.finished and not cutter.done:
+            piece += cutter.finish(out.finish_reason)
+        completion = Completion(cutter.code, tokens[out.index], cutter.reason) if cutter.done else None
+        yield p, SequenceOutput(out.request_id, out.index, piece, out.token_ids, cutter.done, cutter.reason, completion)
+        if all(c.done for c in cutters):
+            return
 
 
 def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
@@ -327,6 +337,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         job = server.submit(ids, params)
         texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts] if req.echo else None
         response_id, n, endpoint = P.new_id("cmpl"), req.n, "/v1/completions"
+        outputs = job.outputs(server.limits.request_timeout)
         prompt_tokens = sum(map(len, ids))
 
         def logprobs_of(completion: Completion) -> dict[str, Any] | None:
@@ -350,9 +361,9 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                           "logprobs": logprobs_of(out.completion) if out.finished else None}
                 return [P.envelope("text_completion", response_id, model, [choice])]
 
-            return _stream_response(server.stream(job, endpoint, start, chunks), job, server)
+            return _stream_response(server.stream(job, outputs, endpoint, start, chunks), job, server)
 
-        results = await server.collect(job, request, endpoint, start)
+        results = await server.collect(job, outputs, request, endpoint, start)
         choices = []
         for (p, j), c in sorted(results.items()):
             prefix = texts[p] if texts else ""
@@ -378,15 +389,20 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         if len(req.messages) > server.limits.max_messages:
             raise P.ApiError(400, f"{len(req.messages)} messages given; at most {server.limits.max_messages}",
                              param="messages")
-        if req.top_logprobs:
-            raise P.ApiError(400, "top_logprobs is not supported (only the chosen tokens' log-probabilities are "
-                                  "computed); leave it at 0", param="top_logprobs")
+        if req.logprobs:
+            raise P.ApiError(400, "logprobs is not supported on chat (a turn's code is cut from the sample); use "
+                                  "/v1/completions with logprobs", param="logprobs")
         params = P.sampling_params(req, server.limits, req.max_completion_tokens or req.max_tokens,
-                                   min(CHAT_DEFAULT_TOKENS, server.limits.max_tokens), logprobs=req.logprobs,
-                                   extra_stop=P.CHAT_STOP)
-        ids = server.encode([P.chat_prompt(req.messages)])
+                                   min(CHAT_DEFAULT_TOKENS, server.limits.max_tokens))
+        prelude, turns, spec = P.chat_turns(req.messages)
+        try:  # like a session, leave out the oldest turns when the conversation outgrows the model's positions
+            prompt, _ = build_prompt(prelude, turns, spec, server.tokenizer, server.n_positions, params.max_new_tokens)
+        except ValueError as e:
+            raise P.ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        ids = server.encode([prompt])
         job = server.submit(ids, params)
         response_id, endpoint = P.new_id("chatcmpl"), "/v1/chat/completions"
+        outputs = turn_codes(job.outputs(server.limits.request_timeout), req.n)
 
         if req.stream:
             generated = [0]
@@ -405,16 +421,14 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                     result.append({"index": out.index, "delta": {"content": out.text}, "logprobs": None,
                                    "finish_reason": None})
                 if out.finished:
-                    logprobs = P.chat_logprobs(server.tokenizer, out.completion) if req.logprobs else None
-                    result.append({"index": out.index, "delta": {}, "logprobs": logprobs,
+                    result.append({"index": out.index, "delta": {}, "logprobs": None,
                                    "finish_reason": out.finish_reason})
                 return [P.envelope("chat.completion.chunk", response_id, model, [c]) for c in result]
 
-            return _stream_response(server.stream(job, endpoint, start, chunks), job, server)
+            return _stream_response(server.stream(job, outputs, endpoint, start, chunks), job, server)
 
-        results = await server.collect(job, request, endpoint, start)
-        choices = [{"index": j, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": P.chat_logprobs(server.tokenizer, c) if req.logprobs else None,
+        results = await server.collect(job, outputs, request, endpoint, start)
+        choices = [{"index": j, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                     "finish_reason": c.finish_reason} for (_, j), c in sorted(results.items())]
         completion_tokens = sum(len(c.token_ids) for c in results.values())
         return P.envelope("chat.completion", response_id, model, choices,

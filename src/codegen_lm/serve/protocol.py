@@ -11,11 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..generate import Completion, SamplingParams
-
-# Chat turns end where the next turn's spec (a comment) or a docstring block would start, like MTPB's
-# truncation patterns (^#, ^''', ^""", three newlines), as plain stop strings.
-CHAT_STOP = ["\n#", "\n'''", '\n"""', "\n\n\n"]
-
+from ..session import MTPB_PRELUDE
 
 @dataclass
 class Limits:
@@ -101,7 +97,6 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
@@ -169,28 +164,36 @@ def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[s
 
 # -- chat ------------------------------------------------------------------------------------------------
 
-PRELUDE = "# Import libraries.\n\nimport numpy as np\n\n"
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _comment(text: str) -> str:
-    return "".join(f"# {line}".rstrip() + "\n" for line in text.strip().splitlines() or [""])
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A conversation as a multi-turn synthesis prompt (MTPB's format): system text as leading comments, the
-    prelude, then per turn the user's spec as comment lines followed by the assistant's code and a blank line;
-    it ends with the last user spec, so the model writes that turn's code."""
+def chat_turns(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]], str]:
+    """A conversation as a multi-turn synthesis session (``session.py``, MTPB's format): ``(prelude, turns,
+    spec)``. Each user message is a turn's spec (one line: its lines are joined), the assistant message after
+    it that turn's code, and the last user message the spec the model writes code for. System text goes
+    above MTPB's prelude as comment lines."""
     if messages[-1].role != "user":
         raise ApiError(400, "the last message must be from the user (the spec the model writes code for)",
                        param="messages")
-    head = "".join(_comment(m.text()) for m in messages if m.role in ("system", "developer"))
-    parts = [head + ("\n" if head else "") + PRELUDE]
+    system = [_one_line(m.text()) for m in messages if m.role in ("system", "developer")]
+    prelude = "".join(f"# {line}\n" for line in system if line) + ("\n" if any(system) else "") + MTPB_PRELUDE
+    turns: list[list[Any]] = []  # [spec, code or None while unanswered]
     for m in messages:
         if m.role == "user":
-            parts.append(_comment(m.text()))
+            spec = _one_line(m.text())
+            if not spec:
+                raise ApiError(400, "a user message is empty; say in words what the next step should do",
+                               param="messages")
+            turns.append([spec, None])
         elif m.role == "assistant":
-            parts.append(m.text().strip("\n") + "\n\n")
-    return "".join(parts)
+            if not turns or turns[-1][1] is not None:
+                raise ApiError(400, "an assistant message must follow a user message (its code answers that spec)",
+                               param="messages")
+            turns[-1][1] = m.text().strip("\n")
+    *history, (spec, _) = turns
+    return prelude, [(s, c or "") for s, c in history], spec
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -219,12 +222,6 @@ def completion_logprobs(tokenizer: Any, completion: Completion, offset: int) -> 
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": list(completion.logprobs or []), "top_logprobs": None,
             "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer: Any, completion: Completion) -> dict[str, Any]:
-    tokens = token_strings(tokenizer, completion.token_ids)
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, lp in zip(tokens, completion.logprobs or [])]}
 
 
 def envelope(kind: str, response_id: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
