@@ -287,6 +287,17 @@ def _progress(enabled: bool, total: int, description: str) -> Any:
     return progress
 
 
+def _run_steps(reader: TensorReader, steps: list[Step], dtype: torch.dtype | None, bar: Any) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for step in steps:
+        inputs = [reader.get(n) for n in step.inputs]
+        outputs = step.fn(*inputs) if step.fn else tuple(inputs)
+        tensors |= {name: t.to(dtype or t.dtype).contiguous() for name, t in zip(step.outputs, outputs)}
+        if bar is not None:
+            bar.advance(bar.task_ids[0], sum(_nbytes(reader.meta[n], dtype) for n in step.inputs))
+    return tensors
+
+
 def write_safetensors(
     reader: TensorReader, steps: list[Step], out_dir: Path, dtype: torch.dtype | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
@@ -302,19 +313,14 @@ def write_safetensors(
     total_size = 0
     with _progress(progress, total, "converting") as bar:
         for filename, shard in zip(names, shards):
-            tensors: dict[str, torch.Tensor] = {}
-            for step in shard:
-                inputs = [reader.get(n) for n in step.inputs]
-                outputs = step.fn(*inputs) if step.fn else tuple(inputs)
-                for name, t in zip(step.outputs, outputs):
-                    tensors[name] = t.to(dtype or t.dtype).contiguous()
-                    total_size += tensors[name].nbytes
-                    weight_map[name] = filename
-                if bar is not None:
-                    bar.advance(bar.task_ids[0], sum(_nbytes(reader.meta[n], dtype) for n in step.inputs))
+            tensors = _run_steps(reader, shard, dtype, bar)
             save_file(tensors, out_dir / filename, metadata={"format": "pt"})
-            del tensors, inputs, outputs
-            reader.release()  # unmap what this shard read before reading the next
+            weight_map |= dict.fromkeys(tensors, filename)
+            total_size += sum(t.nbytes for t in tensors.values())
+            # Drop every reference into the mapped source before unmapping it: one tensor left alive would keep
+            # the whole mapping, and every page read through it, resident.
+            del tensors
+            reader.release()
     if len(names) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
