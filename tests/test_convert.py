@@ -331,6 +331,17 @@ def test_missing_files(tmp_path: Path, source: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["config.json", "model.safetensors", "pytorch_model.bin"])
+def test_unreadable_files(damage: str, tmp_path: Path) -> None:
+    src = save_source(tmp_path / "src", "bin" if damage.endswith(".bin") else "safetensors")
+    (src / damage).write_bytes(b"\x00garbage{")
+    with pytest.raises(ConversionError) as error:
+        convert(src, tmp_path / "out", "gptj")
+    message = str(error.value)
+    assert damage in message and "re-download" in message and "\n" not in message, message
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
 def test_weights_that_do_not_fit_the_config(source: Path, tmp_path: Path) -> None:
     state = tensors(source)
     config = json.loads((source / "config.json").read_text())

@@ -161,8 +161,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             # Pre-1.6 pickles (not zip files) cannot be memory-mapped: they are read whole.
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint ({e}); re-download or re-save it") from None
+    except Exception as e:  # pickle errors come in many types, with messages of many lines
+        raise ConversionError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}): it is damaged or holds more than "
+            f"tensors; re-download it, or re-save it with torch.save(model.state_dict())"
+        ) from None
 
 
 class TensorReader:
