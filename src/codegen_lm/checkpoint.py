@@ -171,14 +171,19 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
 
 
 def parse_size(size: int | str) -> int:
+    """Bytes in ``5GB``, ``500MB``, ``2GiB`` or a plain number."""
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+    text, scale = size.strip().upper(), 1
+    for unit, factor in units.items():
         if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            text, scale = text[: -len(unit)], factor
+            break
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        raise ValueError(f"{size!r} is not a size; write it like 2GiB, 500MB or 1000000") from None
 
 
 def save_model(
