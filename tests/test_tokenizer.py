@@ -289,8 +289,11 @@ def test_decode_rejects_ids_out_of_range(ours):
     for bad in ([15496, 50295], [-1], [10**9]):
         with pytest.raises(ValueError, match="out of range.*50295 tokens"):
             ours.decode(bad)
-    with pytest.raises(ValueError, match="out of range"):
-        ours.batch_decode([[1], [70000]])
+    for batch in ([[1], [70000]], [[1], [2, -5]]):
+        with pytest.raises(ValueError, match="out of range"):
+            ours.batch_decode(batch)
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        CodeGenTokenizer(errors="strict").decode([5, -1])
     with pytest.raises(ValueError, match="out of range"):
         ours.convert_ids_to_tokens(50295)
     with pytest.raises(ValueError, match="batch_decode"):

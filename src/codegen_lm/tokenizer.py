@@ -171,7 +171,7 @@ def _to_id_list(token_ids: Any) -> list[int]:
         token_ids = token_ids.tolist()
     if isinstance(token_ids, int):
         return [token_ids]
-    ids = list(token_ids)
+    ids = token_ids if isinstance(token_ids, list) else list(token_ids)
     if ids and not isinstance(ids[0], int):
         raise ValueError("decode takes one sequence of token ids; use batch_decode for several")
     return ids
@@ -501,9 +501,27 @@ class CodeGenTokenizer:
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if ids and (min(ids) < 0 or max(ids) >= self._size):
-            bad = next(i for i in ids if not 0 <= i < self._size)
-            raise ValueError(f"token id {bad} is out of range: this tokenizer has {self._size} tokens (ids 0..{self._size - 1})")
+            raise self._range_error(ids)
         return ids
+
+    def _range_error(self, ids: list[int]) -> ValueError:
+        bad = next(i for i in ids if not 0 <= i < self._size)
+        return ValueError(f"token id {bad} is out of range: this tokenizer has {self._size} tokens (ids 0..{self._size - 1})")
+
+    def _decode_all(self, seqs: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        """Raw text of each sequence. Ids past the vocabulary are checked here (the Rust decoder would drop them
+        silently); negative ids make tokenizers raise OverflowError, turned into the same message (one pass less)."""
+        for ids in seqs:
+            if ids and max(ids) >= self._size:
+                raise self._range_error(ids)
+        try:
+            if self.errors != "replace":
+                return [self._decode_bytes(ids, skip_special_tokens) for ids in seqs]
+            if len(seqs) == 1:
+                return [self._tokenizer.decode(seqs[0], skip_special_tokens=skip_special_tokens)]
+            return self._tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+        except OverflowError:
+            raise self._range_error(next(ids for ids in seqs if ids and min(ids) < 0)) from None
 
     def _decode_bytes(self, ids: list[int], skip_special_tokens: bool) -> str:
         """Decoding that honours ``errors`` other than "replace" (the Rust decoder always replaces)."""
@@ -521,11 +539,7 @@ class CodeGenTokenizer:
     def decode(self, token_ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
                truncate_before_pattern: Sequence[str] | None = None) -> str:
         """Text of a sequence of ids (list, tensor or array); ``truncate_before_pattern`` as in CodeGen."""
-        ids = self._check_ids(_to_id_list(token_ids))
-        if self.errors == "replace":
-            text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        else:
-            text = self._decode_bytes(ids, skip_special_tokens)
+        text = self._decode_all([_to_id_list(token_ids)], skip_special_tokens)[0]
         return self._finish(text, clean_up_tokenization_spaces, truncate_before_pattern)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
@@ -533,11 +547,7 @@ class CodeGenTokenizer:
         """decode() for each sequence of a batch (list of lists, or a 2-D tensor/array)."""
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
-        seqs = [self._check_ids(_to_id_list(s)) for s in sequences]
-        if self.errors == "replace":
-            texts = self._tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
-        else:
-            texts = [self._decode_bytes(s, skip_special_tokens) for s in seqs]
+        texts = self._decode_all([_to_id_list(s) for s in sequences], skip_special_tokens)
         return [self._finish(t, clean_up_tokenization_spaces, truncate_before_pattern) for t in texts]
 
     def __repr__(self) -> str:
