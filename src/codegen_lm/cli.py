@@ -146,10 +146,7 @@ def convert_command(
     from .checkpoint import parse_size
     from .convert import SIDE_FILES, convert
 
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError:
-        raise ValueError(f"--max-shard-size {max_shard_size!r} is not a size; write it like 2GiB or 500MB") from None
+    shard_bytes = parse_size(max_shard_size)
     start = time.perf_counter()
     out = convert(src, dst, to, dtype=dtype, quantization=quantization, force=force, max_shard_size=shard_bytes, progress=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -185,7 +182,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed for initialization and data order."),
     val_fraction: float = typer.Option(0.01, "--val-fraction", help="Share of documents held out for validation."),
     ext: list[str] = typer.Option([".py"], "--ext", help="File extensions to read from folders (repeatable)."),
-    exclude: list[str] = typer.Option([".*", "__pycache__"], "--exclude", help="File or folder name patterns to skip (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="File or folder name patterns to skip, besides hidden ones and __pycache__ (repeatable)."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in jsonl files and datasets."),
     eval_interval: int = typer.Option(200, "--eval-interval", help="Steps between validation runs."),
     eval_batches: int = typer.Option(20, "--eval-batches", help="Validation batches per run."),
@@ -199,13 +196,14 @@ def train_command(
 ) -> None:
     """Train from scratch or fine-tune; the same command under torchrun trains on several processes (DDP/FSDP)."""
     from .train import TrainConfig, train
+    from .train.data import DEFAULT_EXCLUDE
 
     train(TrainConfig(
         out=out, data=list(data), model=model, config=config, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup, steps=steps, epochs=epochs,
         weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, z_loss=z_loss,
         grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha, fsdp=fsdp, seed=seed,
-        val_fraction=val_fraction, extensions=list(ext), exclude=list(exclude), text_field=text_field,
+        val_fraction=val_fraction, extensions=list(ext), exclude=[*DEFAULT_EXCLUDE, *exclude], text_field=text_field,
         eval_interval=eval_interval, eval_batches=eval_batches, save_interval=save_interval, keep_last=keep_last,
         log_interval=log_interval, cache_dir=cache_dir, device=device, resume=resume, progress=progress,
     ))

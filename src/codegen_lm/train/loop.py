@@ -368,8 +368,9 @@ def _run_settings(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def check_out_dir(cfg: TrainConfig, data_key: str) -> dict[str, Any]:
-    """Refuse to mix runs: a fresh run needs an empty folder, --resume needs the same run's folder.
+def check_out_dir(cfg: TrainConfig, data_key: str | None) -> dict[str, Any]:
+    """Refuse to mix runs: a fresh run needs an empty folder, --resume needs the same run's folder (and data,
+    unless ``data_key`` is None: the early check, before the data is tokenized).
 
     Returns what ``run.json`` should hold (written once the model is built, so a bad --config leaves no trace).
     """
@@ -380,7 +381,7 @@ def check_out_dir(cfg: TrainConfig, data_key: str) -> dict[str, Any]:
         if not cfg.resume:
             raise ValueError(f"{out} already holds a training run (run.json); pass --resume to continue it or choose another --out")
         saved = json.loads(run_file.read_text(encoding="utf-8"))
-        if saved["data"] != data_key:
+        if data_key is not None and saved["data"] != data_key:
             raise ValueError(f"the data changed since the run in {out} started (different tokens); resume needs the same data")
         changed = sorted(k for k in set(saved["settings"]) | set(settings["settings"])
                          if saved["settings"].get(k) != settings["settings"].get(k))
@@ -499,6 +500,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     tokenizer = load_tokenizer(cfg)
     eos = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) is not None else 50256
 
+    check_out_dir(cfg, None)  # fail before a long tokenization
     # Data: the first process on each machine tokenizes (or finds the cache); the others then read it.
     spec = DataSpec(tuple(cfg.data), tuple(cfg.extensions), tuple(cfg.exclude), cfg.text_field, cfg.val_fraction)
     if env.local_rank == 0:
@@ -524,7 +526,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     model.to(env.device)
     model = wrap_distributed(model, cfg, env)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=env.device.type == "cuda" or None)
+                                  fused=env.device.type in ("cuda", "cpu") or None)  # one kernel per step, not ~10 passes per tensor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
 
     if env.main:
