@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..generate import Completion, Scheduler, SequenceOutput
 from ..session import CodeCutter, build_prompt
@@ -115,20 +115,23 @@ class Server:
 
         try:
             await asyncio.wait_for(receive(), self.limits.body_timeout)
-        except TimeoutError:
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
             raise P.ApiError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s") from None
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise P.ApiError(400, f"the request body is not valid JSON ({e})") from None
 
-    def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
+    async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each prompt (encoded off the event loop: a long prompt must not stall other streams)."""
         if not prompts:
             raise P.ApiError(400, "prompt is an empty list; give at least one prompt", param="prompt")
         if len(prompts) > self.limits.max_prompts:
             raise P.ApiError(400, f"{len(prompts)} prompts given; at most {self.limits.max_prompts} per request",
                              param="prompt")
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        ids = await asyncio.to_thread(lambda: [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts])
         for row in ids:
             if any(not 0 <= t < self.vocab_size for t in row):
                 raise P.ApiError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
@@ -149,19 +152,20 @@ class Server:
 
     # -- running a job --------------------------------------------------------------------------------
 
-    async def collect(self, job: Job, outputs: AsyncIterator[tuple[int, SequenceOutput]], request: Request,
+    async def collect(self, job: Job, outputs: AsyncIterator[list[tuple[int, SequenceOutput]]], request: Request,
                       endpoint: str, start: float) -> dict[tuple[int, int], Completion]:
         """Every completion in a job's ``outputs``; aborts the job at once if the client goes away or time runs out."""
         results: dict[tuple[int, int], Completion] = {}
 
         async def gather() -> None:
             first = True
-            async for p, out in outputs:
-                if first and out.token_ids:
+            async for batch in outputs:
+                if first:
                     self.metrics.ttft.labels(endpoint).observe(time.monotonic() - start)
                     first = False
-                if out.completion is not None:
-                    results[(p, out.index)] = out.completion
+                for p, out in batch:
+                    if out.completion is not None:
+                        results[(p, out.index)] = out.completion
 
         work = asyncio.create_task(gather())
         watcher = asyncio.create_task(_wait_disconnect(request))
@@ -172,7 +176,7 @@ class Server:
                 raise _ClientGone()
             try:
                 work.result()
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 self.metrics.aborted.labels("timeout").inc()
                 raise P.ApiError(504, f"the request did not finish within {self.limits.request_timeout:g} s; "
                                       "lower max_tokens or n") from None
@@ -185,24 +189,24 @@ class Server:
         self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
         return results
 
-    async def stream(self, job: Job, outputs: AsyncIterator[tuple[int, SequenceOutput]], endpoint: str,
+    async def stream(self, job: Job, outputs: AsyncIterator[list[tuple[int, SequenceOutput]]], endpoint: str,
                      start: float, chunks: Any) -> AsyncIterator[str]:
-        """Server-sent events: ``chunks(p, out)`` turns each of a job's ``outputs`` into chunk dicts; ends with
+        """Server-sent events: ``chunks(p, out)`` turns each of a job's outputs into chunk dicts; ends with
         [DONE]. When the client disconnects, Starlette cancels this generator and the ``finally`` frees the rows."""
         first = True
         try:
-            for chunk in chunks(None, None):  # opening chunks (role, echo)
-                yield _sse(chunk)
-            async for p, out in outputs:
-                if first and out.token_ids:
+            if opening := "".join(map(_sse, chunks(None, None))):  # role, echoed prompts
+                yield opening
+            async for batch in outputs:
+                if first:
                     self.metrics.ttft.labels(endpoint).observe(time.monotonic() - start)
                     first = False
-                for chunk in chunks(p, out):
-                    yield _sse(chunk)
-            for chunk in chunks(None, "end"):  # usage, when asked for
-                yield _sse(chunk)
+                if events := "".join(_sse(chunk) for p, out in batch for chunk in chunks(p, out)):
+                    yield events
+            if closing := "".join(map(_sse, chunks(None, "end"))):  # usage, when asked for
+                yield closing
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.metrics.aborted.labels("timeout").inc()
             yield _sse(P.ApiError(504, f"the request did not finish within {self.limits.request_timeout:g} s").body())
         except JobError as e:
@@ -234,22 +238,27 @@ def _stream_response(events: AsyncIterator[str], job: Job, server: Server) -> St
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def turn_codes(outputs: AsyncIterator[tuple[int, SequenceOutput]], n: int) -> AsyncIterator[tuple[int, SequenceOutput]]:
+async def turn_codes(outputs: AsyncIterator[list[tuple[int, SequenceOutput]]], n: int
+                     ) -> AsyncIterator[list[tuple[int, SequenceOutput]]]:
     """A chat job's outputs cut into turn code the way a session cuts them (``session.CodeCutter``, MTPB's
     truncation, applied as the text streams): text is passed on once it is sure to be code, a sample finishes
     at its cut, and the job ends once every sample is cut."""
     cutters = [CodeCutter() for _ in range(n)]
     tokens: list[list[int]] = [[] for _ in range(n)]
-    async for p, out in outputs:
-        cutter = cutters[out.index]
-        if cutter.done:  # cut already; the rest of this sample is not code
-            continue
-        tokens[out.index] += out.token_ids
-        piece = cutter.add(out.text)
-        if out.finished and not cutter.done:
-            piece += cutter.finish(out.finish_reason)
-        completion = Completion(cutter.code, tokens[out.index], cutter.reason) if cutter.done else None
-        yield p, SequenceOutput(out.request_id, out.index, piece, out.token_ids, cutter.done, cutter.reason, completion)
+    async for batch in outputs:
+        cut = []
+        for p, out in batch:
+            cutter = cutters[out.index]
+            if cutter.done:  # cut already; the rest of this sample is not code
+                continue
+            tokens[out.index] += out.token_ids
+            piece = cutter.add(out.text)
+            if out.finished and not cutter.done:
+                piece += cutter.finish(out.finish_reason)
+            completion = Completion(cutter.code, tokens[out.index], cutter.reason) if cutter.done else None
+            cut.append((p, SequenceOutput(out.request_id, out.index, piece, out.token_ids, cutter.done,
+                                          cutter.reason, completion)))
+        yield cut
         if all(c.done for c in cutters):
             return
 
@@ -285,11 +294,6 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         error = P.ApiError(e.status_code, message.get(e.status_code, str(e.detail)))
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        return JSONResponse(P.ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}").body(), 400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -333,7 +337,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         params = P.sampling_params(req, server.limits, req.max_tokens, COMPLETION_DEFAULT_TOKENS,
                                    logprobs=req.logprobs is not None)
         prompts = P.prompt_list(req.prompt)
-        ids = server.encode(prompts)
+        ids = await server.encode(prompts)
         job = server.submit(ids, params)
         texts = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in prompts] if req.echo else None
         response_id, n, endpoint = P.new_id("cmpl"), req.n, "/v1/completions"
@@ -396,10 +400,11 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                                    min(CHAT_DEFAULT_TOKENS, server.limits.max_tokens))
         prelude, turns, spec = P.chat_turns(req.messages)
         try:  # like a session, leave out the oldest turns when the conversation outgrows the model's positions
-            prompt, _ = build_prompt(prelude, turns, spec, server.tokenizer, server.n_positions, params.max_new_tokens)
+            prompt, _ = await asyncio.to_thread(build_prompt, prelude, turns, spec, server.tokenizer,
+                                                server.n_positions, params.max_new_tokens)
         except ValueError as e:
             raise P.ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        ids = server.encode([prompt])
+        ids = await server.encode([prompt])
         job = server.submit(ids, params)
         response_id, endpoint = P.new_id("chatcmpl"), "/v1/chat/completions"
         outputs = turn_codes(job.outputs(server.limits.request_timeout), req.n)

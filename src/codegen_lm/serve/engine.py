@@ -62,18 +62,32 @@ class Job:
         self.unfinished = len(self.request_ids) * self.n
         self.prompt_index = {rid: i for i, rid in enumerate(self.request_ids)}
 
-    async def outputs(self, timeout: float) -> AsyncIterator[tuple[int, SequenceOutput]]:
-        """``(prompt index, output)`` pairs until every sequence has finished; raises ``TimeoutError`` when the
-        job runs past ``timeout`` seconds from its creation, ``JobError`` when it fails."""
+    async def outputs(self, timeout: float) -> AsyncIterator[list[tuple[int, SequenceOutput]]]:
+        """Batches of ``(prompt index, output)`` pairs, each batch all that has arrived since the last one (a
+        consumer that fell behind catches up in one write), until every sequence has finished. Raises
+        ``asyncio.TimeoutError`` once the job is ``timeout`` seconds old, ``JobError`` when it fails."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout - (time.monotonic() - self.created)
+        timer = loop.call_later(max(timeout - (time.monotonic() - self.created), 0), self.queue.put_nowait, _EXPIRED)
         remaining = len(self.request_ids) * self.n
-        while remaining:
-            item = await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0))
-            if isinstance(item, JobError):
-                raise item
-            remaining -= item.finished
-            yield self.prompt_index[item.request_id], item
+        try:
+            while remaining:
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                batch = []
+                for item in items:
+                    if item is _EXPIRED:
+                        raise asyncio.TimeoutError
+                    if isinstance(item, JobError):
+                        raise item
+                    remaining -= item.finished
+                    batch.append((self.prompt_index[item.request_id], item))
+                yield batch
+        finally:
+            timer.cancel()
+
+
+_EXPIRED = object()  # put on a job's queue when its time is up
 
 
 class Engine:

@@ -1,0 +1,313 @@
+"""Load test of `codegen-lm serve`: N concurrent streaming clients (1, 8, 32) for a bounded time against a
+random-weight model on loopback; requests/s, tokens/s, p50/p99 latency and time to first token, errors.
+
+Each model shape is served twice, each server in its own process: with continuous batching (max batch 32)
+and without it (max batch 1, requests served one at a time, as a server without a batching scheduler
+would; 32 clients, one run). Every batching level runs ``--repeats`` times, the levels interleaved; figures
+are medians. Clients stop sending after
+``--duration`` seconds and the level ends when their last request does.
+
+    python bench/serve_load.py                          # small + 350M shapes, 3 repeats
+    python bench/serve_load.py --models small --duration 5 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # random weights; vocab 51200 like the released checkpoints, the real tokenizer
+    "small": dict(n_embd=256, n_layer=4, n_head=8, rotary_dim=16),
+    "350M": dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32),
+}
+PROMPTS = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import os\n\ndef list_python_files(folder):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "# Read a CSV file and print the mean of each column.\nimport csv\n\n",
+    "def is_prime(n: int) -> bool:\n",
+    "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n",
+]
+
+
+# -- the server process ------------------------------------------------------------------------------------
+
+
+def serve(shape: str, port: int, max_batch: int) -> None:
+    import torch
+    import uvicorn
+
+    from codegen_lm import CodeGenConfig, CodeGenForCausalLM
+    from codegen_lm.generate import Scheduler
+    from codegen_lm.serve import Limits, ServerConfig, create_app
+    from codegen_lm.tokenizer import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = CodeGenForCausalLM(CodeGenConfig(vocab_size=51200, n_positions=2048, **SHAPES[shape])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "src" / "codegen_lm" / "data")
+    config = ServerConfig(f"random-{shape}", (), max_batch, max_queue=256, limits=Limits(request_timeout=600))
+    uvicorn.run(create_app(Scheduler(model, tokenizer, max_batch), config), host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)
+
+
+class Server:
+    """The server in a subprocess, with its peak RSS sampled while it runs."""
+
+    def __init__(self, shape: str, max_batch: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, __file__, "--serve", shape, "--port", str(self.port),
+                                         "--max-batch", str(max_batch)])
+        self.peak_rss = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Server":
+        import httpx
+        import psutil
+
+        deadline = time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError("the server process exited")
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not come up in 300 s")
+            time.sleep(0.5)
+        proc = psutil.Process(self.process.pid)
+
+        def sample() -> None:
+            while not self._stop.wait(0.2):
+                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+
+        threading.Thread(target=sample, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# -- the clients -------------------------------------------------------------------------------------------
+
+
+async def one_request(client, url: str, body: dict) -> tuple[float, float | None, int]:
+    """Stream one completion; (latency, time to first token, completion tokens). Raises on any error."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            # Parse only the events that matter (the client shares the CPU with the server it measures).
+            if not line.startswith("data: ") or line == "data: [DONE]" or (first is not None and '"usage"' not in line
+                                                                            and '"error"' not in line):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - start
+    if not tokens:
+        raise RuntimeError("no usage chunk at the end of the stream")
+    return time.perf_counter() - start, first, tokens
+
+
+async def run_level(url: str, clients: int, duration: float, max_tokens: int, model: str) -> dict:
+    import httpx
+
+    results: list[tuple[float, float | None, int]] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    stop_at = start + duration
+
+    async def client_loop(k: int) -> None:
+        i = k
+        async with httpx.AsyncClient(timeout=600) as client:
+            while True:  # at least one request each, then until the time is up
+                body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                i += clients
+                try:
+                    results.append(await one_request(client, url, body))
+                except Exception as e:  # counted, never fatal: the point is to see them
+                    errors.append(f"{type(e).__name__}: {e}")
+                if time.perf_counter() >= stop_at:
+                    return
+
+    await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    elapsed = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    ttfts = sorted(r[1] for r in results if r[1] is not None)
+    return {
+        "clients": clients, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
+        "seconds": elapsed, "requests_per_s": len(results) / elapsed,
+        "tokens_per_s": sum(r[2] for r in results) / elapsed,
+        "latency_p50": percentile(latencies, 50), "latency_p99": percentile(latencies, 99),
+        "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def median_of(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+    out = dict(runs[0])
+    out.update({k: statistics.median(r[k] for r in runs) for k in keys})
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["error_samples"] = [e for r in runs for e in r["error_samples"]][:3]
+    return out
+
+
+def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namespace) -> tuple[list[dict], int]:
+    from rich.progress import Progress
+
+    with Server(shape, max_batch) as server:
+        model = f"random-{shape}"
+        # Warm up: one full batch, so the KV cache has grown to its working size before anything is timed.
+        asyncio.run(run_level(server.url, max_batch, 0.0, args.max_tokens, model))
+        repeats = args.repeats if max_batch > 1 else 1  # one at a time is slow and steady: one run
+        runs: dict[int, list[dict]] = {clients: [] for clients in levels}
+        with Progress() as progress:
+            task = progress.add_task(f"{shape}, max batch {max_batch}", total=len(levels) * repeats)
+            for _ in range(repeats):  # levels interleaved, so a change in the machine's load hits them alike
+                for clients in levels:
+                    runs[clients].append(asyncio.run(run_level(server.url, clients, args.duration, args.max_tokens,
+                                                               model)))
+                    progress.advance(task)
+        return [median_of(runs[clients]) for clients in levels], server.peak_rss
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags.split())
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for (shape, batching), rows in results.items():
+        x = [r["clients"] for r in rows]
+        style = "-o" if batching else "--x"
+        label = f"{shape}, {'batching' if batching else 'one at a time'}"
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], style, label=label)
+        axes[1].plot(x, [r["latency_p50"] for r in rows], style, label=label + " p50")
+        axes[1].plot(x, [r["latency_p99"] for r in rows], style, alpha=0.4, label=label + " p99")
+        axes[2].plot(x, [r["ttft_p50"] for r in rows], style, label=label + " p50")
+        axes[2].plot(x, [r["ttft_p99"] for r in rows], style, alpha=0.4, label=label + " p99")
+    for ax, title, unit in zip(axes, ("throughput", "request latency", "time to first token"),
+                               ("generated tokens / s", "seconds", "seconds")):
+        ax.set(title=title, xlabel="concurrent clients", ylabel=unit, xscale="log")
+        ax.set_xticks([1, 8, 32], ["1", "8", "32"])
+        if ax is not axes[0]:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("codegen-lm serve, random-weight models on loopback (streaming, greedy)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="small,350M", help="comma-separated shapes: " + ", ".join(SHAPES))
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of sending per level "
+                        "(default 10 for small, 30 for 350M)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve_load.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "serve_latency.png")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.serve, args.port, args.max_batch)
+
+    import torch
+
+    levels = [int(c) for c in args.clients.split(",")]
+    print(f"cpu: {platform.machine()}, {os.cpu_count()} cores, flags: {cpu_flags()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
+    results: dict[tuple[str, bool], list[dict]] = {}
+    peaks: dict[tuple[str, bool], int] = {}
+    for shape in args.models.split(","):
+        duration = args.duration if args.duration is not None else (10.0 if shape == "small" else 30.0)
+        level_args = argparse.Namespace(**{**vars(args), "duration": duration})
+        for batching in (True, False):
+            key = (shape, batching)
+            results[key], peaks[key] = measure(shape, args.max_batch if batching else 1,
+                                               levels if batching else [levels[-1]], level_args)
+
+    header = (f"{'model':6} {'server':14} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+              f"{'ttft p50':>8} {'ttft p99':>8} {'errors':>6} {'peak RSS':>9}")
+    print(header)
+    for (shape, batching), rows in results.items():
+        for r in rows:
+            print(f"{shape:6} {'batch ' + str(args.max_batch) if batching else 'batch 1':14} {r['clients']:7d} "
+                  f"{r['requests_per_s']:7.2f} {r['tokens_per_s']:8.1f} {r['latency_p50']:7.2f} {r['latency_p99']:7.2f} "
+                  f"{r['ttft_p50']:8.2f} {r['ttft_p99']:8.2f} {r['errors']:6d} {peaks[(shape, batching)] / 2**20:7.0f}MB")
+            for e in r["error_samples"]:
+                print("   error:", e)
+    ok = True
+    for shape in args.models.split(","):
+        rows = {r["clients"]: r for r in results[(shape, True)]}
+        lo, hi = min(rows), max(rows)
+        unbatched = results[(shape, False)][0]
+        ratio = rows[hi]["tokens_per_s"] / rows[lo]["tokens_per_s"]
+        errors = sum(r["errors"] for r in results[(shape, True)]) + unbatched["errors"]
+        print(f"{shape}: tokens/s at {hi} clients / at {lo} client = {ratio:.1f}x; vs {hi} clients without "
+              f"batching = {rows[hi]['tokens_per_s'] / unbatched['tokens_per_s']:.1f}x; errors: {errors}")
+        ok &= ratio >= 4 and errors == 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({f"{s}/{'batching' if b else 'unbatched'}": rows for (s, b), rows in results.items()},
+                                   indent=1))
+    plot(results, args.plot)
+    print(f"wrote {args.out} and {args.plot}; throughput target (>= 4x at the most clients, zero errors): "
+          f"{'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
