@@ -79,29 +79,72 @@ class SequenceOutput:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of fp32 ``logits`` ``[b, vocab]``: argmax for greedy rows, else temperature, top-k and
-    top-p, then inverse-CDF sampling with one uniform draw from the row's own generator."""
+    """One token per row of fp32 ``logits`` ``[b, vocab]``: argmax for greedy rows; else softmax(logits / T)
+    restricted to the top-k tokens and to the top-p nucleus, then inverse-CDF sampling (in vocabulary order)
+    with one uniform draw from the row's own generator. Nothing here sorts the vocabulary: a full sort of
+    50k probabilities per row and step costs more than the rest of sampling together."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)[:, None]
-    probs, order = (logits[rows] / temps).softmax(dim=-1).sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1])
-    top_k = torch.tensor([params[i].top_k or probs.shape[-1] for i in rows])[:, None]
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=probs.dtype)[:, None]
-    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-    keep = (rank < top_k) & (probs.cumsum(dim=-1) - probs < top_p)
-    cdf = (probs * keep).cumsum(dim=-1)
-    draws = torch.stack([torch.rand((), generator=generators[i], dtype=cdf.dtype) for i in rows])
-    picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
-    tokens[rows] = order.gather(1, picked).squeeze(1)
+    device, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=device)[:, None]
+    probs = (logits[rows] / temps).softmax(dim=-1)
+    floor = torch.zeros(len(rows), dtype=probs.dtype, device=device)  # keep the tokens with p >= floor
+    top_k = [params[i].top_k if 0 < params[i].top_k < vocab else 0 for i in rows]
+    if any(top_k):
+        ranked = probs.topk(max(top_k), dim=-1).values  # ties with the k-th token are kept, as in transformers
+        kth = ranked.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None]).squeeze(1)
+        floor = torch.where(torch.tensor(top_k, device=device) > 0, kth, floor)
+    top_p = [params[i].top_p for i in rows]
+    if min(top_p) < 1:
+        nucleus = nucleus_floor(probs, torch.tensor(top_p, dtype=probs.dtype, device=device))
+        floor = torch.maximum(floor, nucleus)
+    cdf = torch.where(probs >= floor[:, None], probs, 0).cumsum(dim=-1)
+    draws = torch.stack([torch.rand((), generator=generators[i], dtype=cdf.dtype) for i in rows]).to(device)
+    picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
+    tokens[rows] = picked.squeeze(1)
     return tokens
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 64) -> torch.Tensor:
+    """The least probability in each row's top-p nucleus ``[r]`` (0 where top_p is 1).
+
+    A token is in the nucleus when the tokens strictly more probable than it hold less than top_p of the mass:
+    the smallest set of most probable tokens that reaches top_p, plus any tied with its least probable one.
+    The top ``candidates`` tokens settle peaked rows; flat rows (high temperature, random weights) are settled by
+    bisecting the threshold over the bit patterns of positive floats, which order like the floats themselves."""
+    rows = probs.shape[0]
+    floor = torch.zeros(rows, dtype=probs.dtype, device=probs.device)
+    ranked = probs.topk(min(candidates, probs.shape[-1]), dim=-1).values
+    kept = ((ranked.cumsum(dim=-1) - ranked) < top_p[:, None]).sum(dim=-1)  # always >= 1
+    settled = kept < ranked.shape[-1]
+    floor = torch.where(settled, ranked.gather(1, (kept - 1)[:, None]).squeeze(1), floor)
+    flat = (~settled & (top_p < 1)).nonzero().squeeze(1).tolist()
+    if flat:
+        floor[flat] = _bisect_floor(probs[flat], top_p[flat])
+    return torch.where(top_p < 1, floor, 0)
+
+
+def _bisect_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # Invariant: mass(p > lo) >= top_p > mass(p > hi); 31 halvings of the bit range leave adjacent floats,
+    # and then the nucleus is exactly the tokens with p >= hi.
+    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)
+    hi = probs.amax(dim=-1).view(torch.int32)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        mass = torch.where(probs > mid.view(torch.float32)[:, None], probs, 0).sum(dim=-1)
+        above = mass >= top_p
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return hi.view(torch.float32)
 
 
 class TextStream:
     """Incremental detokenization: yields text only at character boundaries, and holds back a tail that
-    could still grow into a stop string. ``text`` is everything confirmed so far."""
+    could still grow into a stop string. ``text`` is everything decoded so far (cut before a stop string).
+
+    Each step decodes only a short window of ids (the previous step's tokens for context, then the new ones),
+    so a long completion costs the same per token as a short one."""
 
     def __init__(self, tokenizer: Any, stop: SequenceT[str]):
         self.tokenizer, self.stop = tokenizer, list(stop)
@@ -109,27 +152,44 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._context = self._read = 0  # ids[_context:_read] were decoded last time and give the window its context
+        self._searched = 0  # text[:_searched] holds no stop string
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        if self.tokenizer is None:
-            return ""  # id-level generation: no text
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # a multi-byte character is still incomplete
-        self.text = text
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = text[:cut], True
+        if self.tokenizer is None or not self._decode(final=False):
+            return ""  # id-level generation, or a multi-byte character is still incomplete
+        return self._cut_or_hold()
+
+    def flush(self) -> str:
+        """The text not yet emitted (at the end of a sequence, including an incomplete character's ``\ufffd``)."""
+        head = ""
+        if self.tokenizer is not None and not self.stopped and self._read < len(self.ids):
+            self._decode(final=True)
+            head = self._cut_or_hold()
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return head + delta
+
+    def _decode(self, final: bool) -> bool:
+        window = self.tokenizer.decode(self.ids[self._context :])
+        if window.endswith("\ufffd") and not final:
+            return False
+        context = self.tokenizer.decode(self.ids[self._context : self._read]) if self._read > self._context else ""
+        self.text += window[len(context) :]
+        self._context, self._read = self._read, len(self.ids)
+        return True
+
+    def _cut_or_hold(self) -> str:
+        text = self.text
+        found = [i for s in self.stop if (i := text.find(s, max(0, self._searched - len(s) + 1))) >= 0]
+        self._searched = len(text)
+        if found:
+            self.text, self.stopped = text[: min(found)], True
             return self.flush()
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         delta = text[self.emitted : len(text) - hold]
         self.emitted += len(delta)
-        return delta
-
-    def flush(self) -> str:
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
         return delta
 
 
@@ -207,6 +267,7 @@ class Scheduler:
             self.waiting.append(_Sequence(request, index, generator, TextStream(self.tokenizer, params.stop)))
         return request_id
 
+    @torch.inference_mode()
     def abort(self, request_id: str) -> None:
         """Drop a request (a client went away): its rows are freed at once."""
         if request_id not in self.requests:
@@ -233,17 +294,15 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
         """Admit waiting sequences into free rows (prefilling new prompts), then decode one token for all."""
+        outputs: list[SequenceOutput] = []
         admitted = self._admit()
-        outputs = []
         if admitted:  # first tokens come from the prompt's logits
-            first = torch.stack([seq.request.first_logits for seq in admitted])
-            outputs = self._append_all(admitted, first)
+            outputs = self._append_all(admitted, torch.stack([seq.request.first_logits for seq in admitted]))
+            self._free_finished()
         self._release_prefixes()
-        if any(seq.finish_reason is None for seq in self.running):
+        if self.running:
             outputs.extend(self._decode())
-        for row in reversed(range(len(self.running))):
-            if self.running[row].finish_reason is not None:
-                self._free_row(row)
+            self._free_finished()
         for request_id in [r.id for r in self.requests.values() if r.waiting == 0 and not self._has_rows(r.id)]:
             del self.requests[request_id]
         return outputs
@@ -263,39 +322,44 @@ class Scheduler:
             if seq.request.first_logits is None:
                 leaders.setdefault(seq.request.id, seq)
         ordered = list(leaders.values()) + [s for s in admitted if s not in leaders.values()]
-        needed = max(s.length for s in ordered) + max(s.request.params.max_new_tokens for s in ordered)
+        needed = max(len(s.request.prompt_ids) + s.request.params.max_new_tokens for s in ordered)
         self._ensure_cache(len(self.running) + len(ordered), needed)
         start = len(self.running)
         self.running.extend(ordered)
         if leaders:
             self._prefill(list(leaders.values()), start)
+        leader_rows = {seq.request.id: row for row, seq in enumerate(leaders.values(), start)}
         for row, seq in enumerate(ordered, start):
             request = seq.request
             request.waiting -= 1
-            if seq not in leaders.values():
-                k, v = request.prefix
-                length = k.shape[2]
-                self.cache.k[:, row, :, :length] = k
-                self.cache.v[:, row, :, :length] = v
+            if row in leader_rows.values():
+                continue
+            length = len(request.prompt_ids)
+            if request.id in leader_rows:  # a sibling admitted with its leader copies the leader's row
+                self.cache.copy_rows(leader_rows[request.id], slice(row, row + 1), length)
+            else:
+                self.cache.k[:, row, :length], self.cache.v[:, row, :length] = request.prefix
+        for request_id, row in leader_rows.items():
+            request = self.requests[request_id]
+            if request.waiting > 0:  # siblings admitted later copy the prompt's keys and values from here
+                length = len(request.prompt_ids)
+                request.prefix = (self.cache.k[:, row, :length].clone(), self.cache.v[:, row, :length].clone())
         return ordered
 
     def _prefill(self, leaders: list[_Sequence], start: int) -> None:
+        device = self.model.device
         lengths = [len(s.request.prompt_ids) for s in leaders]
         width = max(lengths)
         pad = 0  # any valid id: right padding is never attended to by real tokens
-        ids = torch.tensor([s.request.prompt_ids + [pad] * (width - len(s.request.prompt_ids)) for s in leaders])
-        positions = torch.arange(width).expand(len(leaders), width)
-        last = torch.tensor(lengths) - 1
+        ids = torch.tensor([s.request.prompt_ids + [pad] * (width - len(s.request.prompt_ids)) for s in leaders], device=device)
+        positions = torch.arange(width, device=device).expand(len(leaders), width)
+        last = torch.tensor(lengths, device=device) - 1
         rows = slice(start, start + len(leaders))
-        logits = self.model.logits_cached(
-            ids.to(self.model.device), positions.to(self.model.device), self.cache, rows, width, last.to(self.model.device)
-        ).cpu()
-        for i, (seq, length) in enumerate(zip(leaders, lengths)):
-            request = seq.request
-            request.first_logits = logits[i]
-            if request.waiting > 1:  # siblings admitted now or later copy this prompt's keys and values
-                row = start + i
-                request.prefix = (self.cache.k[:, row, :, :length].clone(), self.cache.v[:, row, :, :length].clone())
+        # Rows of one length need no mask; with different lengths a row's padding must stay out of the others' keys.
+        aligned = min(lengths) == width
+        logits = self.model.logits_cached(ids, positions, self.cache, rows, width, last, aligned=aligned)
+        for seq, row_logits in zip(leaders, logits):
+            seq.request.first_logits = row_logits
 
     def _release_prefixes(self) -> None:
         for request in self.requests.values():
@@ -305,13 +369,15 @@ class Scheduler:
     def _decode(self) -> list[SequenceOutput]:
         n = len(self.running)
         device = self.model.device
-        last = torch.tensor([[s.token_ids[-1]] for s in self.running])  # finished rows compute a discarded token
-        positions = torch.tensor([[s.length - 1] for s in self.running])
-        kv_len = int(positions.max()) + 1
+        positions = [s.length - 1 for s in self.running]
+        kv_len = max(positions) + 1
         self._ensure_cache(n, kv_len)
-        logits = self.model.logits_cached(last.to(device), positions.to(device), self.cache, slice(0, n), kv_len).cpu()
-        rows = [i for i, s in enumerate(self.running) if s.finish_reason is None]
-        return self._append_all([self.running[i] for i in rows], logits[rows])
+        last = torch.tensor([[s.token_ids[-1]] for s in self.running], device=device)
+        logits = self.model.logits_cached(
+            last, torch.tensor(positions, device=device)[:, None], self.cache, slice(0, n), kv_len,
+            aligned=min(positions) == kv_len - 1,
+        )
+        return self._append_all(self.running, logits)
 
     def _append_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         logits[:, self.vocab_limit :] = float("-inf")
@@ -339,29 +405,34 @@ class Scheduler:
             out.completion = Completion(seq.stream.text, list(seq.token_ids), seq.finish_reason, logprobs)
         return out
 
+    def _free_finished(self) -> None:
+        for row in reversed(range(len(self.running))):
+            if self.running[row].finish_reason is not None:
+                self._free_row(row)
+
     def _free_row(self, row: int) -> None:
         last = len(self.running) - 1
         if row != last:
             moved = self.running[last]
-            length = moved.length
-            self.cache.k[:, row, :, :length] = self.cache.k[:, last, :, :length]
-            self.cache.v[:, row, :, :length] = self.cache.v[:, last, :, :length]
+            self.cache.copy_rows(last, slice(row, row + 1), moved.length)
             self.running[row] = moved
         self.running.pop()
 
     def _ensure_cache(self, rows: int, length: int) -> None:
-        """Grow the cache (doubling its length, up to n_positions) so it holds ``rows`` × ``length``."""
+        """Grow the cache so it holds ``rows`` × ``length``: rows double up to max_batch, the length doubles up to
+        n_positions, so a batch-1 request holds only what it needs and growing stays rare."""
         limit = self.config.n_positions
         length = min(length, limit)
         cache = self.cache
         if cache is not None and cache.batch_size >= rows and cache.max_len >= length:
             return
-        new_rows = max(self.max_batch if cache is None else cache.batch_size, rows)
-        new_len = max(length, min(limit, 2 * cache.max_len) if cache is not None else length)
+        old_rows, old_len = (cache.batch_size, cache.max_len) if cache is not None else (0, 0)
+        new_rows = min(self.max_batch, max(rows, 2 * old_rows))
+        new_len = old_len if length <= old_len else min(limit, max(length, 2 * old_len))
         grown = KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device)
         if cache is not None:
-            grown.k[:, : cache.batch_size, :, : cache.max_len] = cache.k
-            grown.v[:, : cache.batch_size, :, : cache.max_len] = cache.v
+            grown.k[:, :old_rows, :old_len] = cache.k
+            grown.v[:, :old_rows, :old_len] = cache.v
         self.cache = grown
 
 

@@ -82,18 +82,22 @@ class CausalLMOutputWithPast(ModelOutput):
 
 
 class KVCache:
-    """Preallocated keys and values, ``[n_layer, batch, n_head, max_len, head_dim]``.
+    """Preallocated keys and values, ``[n_layer, batch, max_len, n_head, head_dim]``.
 
     Each row is one sequence; a token at position p is stored in slot p, so a row needs no padding and rows
-    may hold sequences of different lengths. Nothing is allocated or concatenated per step.
+    may hold sequences of different lengths. A step writes its new keys with one ``index_copy_`` per layer
+    into the flattened ``[batch * max_len]`` slots: nothing is allocated or concatenated per step.
     """
 
     def __init__(self, config: CodeGenConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         if max_len > config.n_positions:
             raise ValueError(f"cache length {max_len} exceeds the model's {config.n_positions} positions")
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
+        # Zeros, not empty: a shorter row reads unused slots (masked out, but 0 × NaN would still be NaN).
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        flat = (config.n_layer, batch_size * max_len, config.n_head, config.head_dim)
+        self._k_slots, self._v_slots = self.k.view(flat).unbind(0), self.v.view(flat).unbind(0)
 
     @property
     def batch_size(self) -> int:
@@ -101,18 +105,27 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[2]
 
-    def write(self, layer: int, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ``[b, n_head, t, head_dim]`` of ``rows`` at slots ``positions`` ``[b, t]``."""
-        batch = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self.k[layer, rows][batch, :, positions] = k.transpose(1, 2)
-        self.v[layer, rows][batch, :, positions] = v.transpose(1, 2)
+    def slots(self, rows: slice, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot index ``[b * t]`` of the tokens at ``positions`` ``[b, t]`` of cache rows ``rows``."""
+        first = rows.start or 0
+        row_ids = torch.arange(first, first + positions.shape[0], device=positions.device)
+        return (row_ids[:, None] * self.max_len + positions).reshape(-1)
 
-    def copy_rows(self, src: int, dst: slice | list[int] | torch.Tensor, length: int) -> None:
-        """Copy the first ``length`` slots of row ``src`` into rows ``dst`` (shared-prefix sampling)."""
-        self.k[:, dst, :, :length] = self.k[:, src : src + 1, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src : src + 1, :, :length]
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ``[b, t, n_head, head_dim]`` (views are fine) at flat ``slots``."""
+        self._k_slots[layer].index_copy_(0, slots, k.flatten(0, 1))
+        self._v_slots[layer].index_copy_(0, slots, v.flatten(0, 1))
+
+    def read(self, layer: int, rows: slice, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``< kv_len`` of ``rows``, ``[b, n_head, kv_len, head_dim]`` views."""
+        return self.k[layer, rows, :kv_len].transpose(1, 2), self.v[layer, rows, :kv_len].transpose(1, 2)
+
+    def copy_rows(self, src: int, dst: slice, length: int) -> None:
+        """Copy the first ``length`` slots of row ``src`` into rows ``dst`` (shared prefixes, moved rows)."""
+        self.k[:, dst, :length] = self.k[:, src : src + 1, :length]
+        self.v[:, dst, :length] = self.v[:, src : src + 1, :length]
 
 
 # --- layers -----------------------------------------------------------------------------------------------
@@ -133,6 +146,17 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
     rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
     return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+def rotate_(x: torch.Tensor, rotary: torch.Tensor) -> None:
+    """``apply_rotary`` in place: each (even, odd) pair of the first rotary dims of ``x`` ``[b, t, ..., d]``,
+    read as the complex number even + i·odd, times ``rotary`` = cos + i·sin (complex64, broadcast to
+    ``[b, t, ..., r/2]``) gives exactly (even·cos - odd·sin, odd·cos + even·sin)."""
+    pairs = x[..., : 2 * rotary.shape[-1]].unflatten(-1, (-1, 2))
+    if x.dtype == torch.float32 and pairs.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in pairs.stride()[:-1]):
+        torch.view_as_complex(pairs).mul_(rotary)
+    else:  # half precision (rotate in fp32, like the original) or an odd head size
+        pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float().contiguous()) * rotary))
 
 
 ACT_FNS = {
@@ -177,7 +201,6 @@ class CodeGenAttention(nn.Module):
         cos: torch.Tensor,
         mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: tuple[KVCache, int, slice, torch.Tensor, int] | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         b, t, _ = x.shape
@@ -187,10 +210,6 @@ class CodeGenAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         present = (k, v)
-        if cache is not None:
-            kv, layer, rows, positions, kv_len = cache
-            kv.write(layer, rows, positions, k, v)
-            k, v = kv.k[layer, rows, :, :kv_len], kv.v[layer, rows, :, :kv_len]
 
         weights = None
         if output_attentions:
@@ -203,6 +222,20 @@ class CodeGenAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.resid_dropout(self.out_proj(y)), present, weights
+
+    def forward_cached(
+        self, x: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int,
+        slots: torch.Tensor, rows: slice, kv_len: int,
+    ) -> torch.Tensor:
+        """Inference attention through the preallocated cache (see ``CodeGenModel.forward_cached``)."""
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, t, 3, self.n_head, self.head_dim)
+        rotate_(qkv[:, :, :2], rotary)  # q and k together, in place
+        q, k, v = qkv.unbind(2)
+        cache.write(layer, slots, k, v)
+        keys, values = cache.read(layer, rows, kv_len)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class CodeGenMLP(nn.Module):
@@ -373,16 +406,27 @@ class CodeGenModel(CodeGenPreTrainedModel):
         return sin, cos
 
     def forward_cached(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
+        aligned: bool = False,
     ) -> torch.Tensor:
         """The inference path: tokens at ``positions`` ``[b, t]`` of cache rows ``rows``; keys are the slots
         ``< kv_len``. A token sees the slots up to its own position, so rows of different lengths (and
-        right padding in a prefill) need no other mask. Returns the final hidden states."""
+        right padding in a prefill) need no other mask. ``aligned`` promises that every row's tokens end
+        at slot ``kv_len - 1`` and, when ``t > 1``, start at slot 0: then plain causal attention needs no
+        mask at all. Returns the final hidden states."""
         x = self.wte(input_ids)
-        sin, cos = self._rotary(positions)
-        mask = (torch.arange(kv_len, device=x.device) <= positions[:, None, :, None])  # [b, 1, t, kv_len]
+        b, t = input_ids.shape
+        sin, cos = self.rotary[positions].chunk(2, dim=-1)
+        rotary = torch.complex(cos, sin)[:, :, None, None, :]  # [b, t, 1 (q/k), 1 (head), r/2]
+        mask = None
+        if not aligned or (t > 1 and kv_len != t):
+            keys = torch.arange(kv_len, device=x.device)
+            mask = torch.zeros(b, 1, t, kv_len, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(keys > positions[:, None, :, None], float("-inf"))  # additive: no per-layer conversion
+        slots = cache.slots(rows, positions)
         for i, block in enumerate(self.h):
-            x, _, _ = block(x, sin, cos, mask, cache=(cache, i, rows, positions, kv_len))
+            h = block.ln_1(x)
+            x = x + block.attn.forward_cached(h, rotary, mask, cache, i, slots, rows, kv_len) + block.mlp(h)
         return self.ln_f(x)
 
 
@@ -440,11 +484,11 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
 
     def logits_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
-        last: torch.Tensor | None = None,
+        last: torch.Tensor | None = None, aligned: bool = False,
     ) -> torch.Tensor:
         """Inference forward through the KV cache; fp32 logits of the tokens at index ``last`` ``[b]`` of each
-        row (the final one when None), ``[b, vocab]``."""
-        hidden = self.transformer.forward_cached(input_ids, positions, cache, rows, kv_len)
+        row (the final one when None), ``[b, vocab]``. ``aligned``: see ``CodeGenModel.forward_cached``."""
+        hidden = self.transformer.forward_cached(input_ids, positions, cache, rows, kv_len, aligned)
         hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
         return self.lm_head(hidden).float()
 

@@ -1,0 +1,290 @@
+"""The inference engine's fast paths against the reference path: the preallocated cache, in-place rotary,
+mask-free aligned attention, sort-free sampling, incremental detokenization and the scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import build_model
+
+from codegen_lm import AutoTokenizer
+from codegen_lm.generate import Generator, SamplingParams, Scheduler, TextStream, nucleus_floor, sample
+from codegen_lm.model import KVCache, apply_rotary, rotate_
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(vocab_size=1000, n_positions=256)
+
+
+def plain_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """The reference: full recomputation with the plain forward, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# --- model fast path --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_rotary_equals_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, 16, generator=g).to(dtype)
+    angles = torch.rand(2, 5, 4, generator=g) * 10
+    sin, cos = angles.sin(), angles.cos()
+    expected = [apply_rotary(qkv[:, :, i], sin[:, :, None], cos[:, :, None]) for i in range(2)]
+    rotate_(qkv[:, :, :2], torch.complex(cos, sin)[:, :, None, None])
+    for i in range(2):
+        torch.testing.assert_close(qkv[:, :, i], expected[i], atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_in_place_rotary_with_odd_strides_takes_the_copy_path():
+    x = torch.randn(1, 3, 2, 7)  # head size 7: pairs start at odd offsets in memory
+    angles = torch.rand(1, 3, 2)
+    expected = apply_rotary(x, angles.sin()[:, :, None], angles.cos()[:, :, None])
+    rotate_(x, torch.complex(angles.cos(), angles.sin())[:, :, None])
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+
+
+def test_ragged_batch_through_the_cache_equals_the_plain_forward(model):
+    """Rows of different lengths in rows 2..4 of a larger cache: prefill with right padding (masked), then decode
+    steps where the rows sit at different positions; every real token's logits equal the plain forward's."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 12, 4]
+    seqs = [torch.randint(0, 1000, (n + 3,), generator=g) for n in lengths]
+    cache = KVCache(model.config, 5, 40, torch.float32, "cpu")
+    rows = slice(2, 5)
+    width = max(lengths)
+    ids = torch.stack([torch.cat([s[:n], torch.zeros(width - n, dtype=torch.long)]) for s, n in zip(seqs, lengths)])
+    with torch.no_grad():
+        first = model.logits_cached(ids, torch.arange(width).expand(3, width), cache, rows, width, torch.tensor(lengths) - 1)
+        steps = [first]
+        for step in range(3):
+            positions = torch.tensor([[n + step] for n in lengths])
+            tokens = torch.stack([s[n + step : n + step + 1] for s, n in zip(seqs, lengths)])
+            steps.append(model.logits_cached(tokens, positions, cache, rows, int(positions.max()) + 1))
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            full = model(s[None]).logits[0]
+            for step, logits in enumerate(steps):
+                torch.testing.assert_close(logits[i], full[n - 1 + step], atol=1e-5, rtol=1e-5)
+
+
+def test_aligned_path_equals_masked_path(model):
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    results = []
+    for aligned in (False, True):
+        cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
+        with torch.no_grad():
+            logits = [model.logits_cached(ids[:, :6], torch.arange(6).expand(2, 6), cache, slice(0, 2), 6, aligned=aligned)]
+            for t in range(6, 9):
+                positions = torch.full((2, 1), t)
+                logits.append(model.logits_cached(ids[:, t : t + 1], positions, cache, slice(0, 2), t + 1, aligned=aligned))
+        results.append(torch.stack(logits))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
+
+
+def test_cache_copy_rows_and_read():
+    config = build_model().config
+    cache = KVCache(config, 4, 8, torch.float32, "cpu")
+    cache.k[:, 1, :5] = 1.0
+    cache.copy_rows(1, slice(2, 4), 3)
+    assert cache.k[:, 2:4, :3].eq(1).all() and cache.k[:, 2:4, 3:].eq(0).all()
+    keys, _ = cache.read(0, slice(1, 3), 6)
+    assert keys.shape == (2, config.n_head, 6, config.head_dim)
+
+
+# --- greedy: engine vs plain loop vs transformers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [dict(rotary_dim=8), dict(rotary_dim=16, n_layer=3), dict(n_head=8, rotary_dim=4)])
+def test_greedy_ids_equal_plain_loop_and_transformers(shape, tmp_path):
+    ours = build_model(vocab_size=1000, n_positions=128, **shape)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.CodeGenForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = list(range(30, 47))
+    got = Generator(ours, None).complete([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0][0].token_ids
+    assert got == plain_greedy(ours, prompt, 20)
+    hf = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0)
+    assert got == hf[0, len(prompt):].tolist()
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone(model):
+    prompts = [list(range(5, 5 + n)) for n in (3, 11, 6)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    together = Generator(model, None).complete(prompts, params)
+    for prompt, result in zip(prompts, together):
+        assert result[0].token_ids == plain_greedy(model, prompt, 8)
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+
+
+def nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The definition: tokens whose strictly more probable tokens hold less than top_p of the mass."""
+    return {i for i, p in enumerate(probs.tolist()) if probs[probs > p].sum() < top_p}
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 50.0])  # peaked (top candidates settle it) to flat (bisection)
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_nucleus_floor_matches_the_sorted_definition(temperature, top_p):
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(int(top_p * 100)))
+    logits[2, :50] = logits[2, 0]  # a tie group
+    probs = (logits / temperature).softmax(-1)
+    floors = nucleus_floor(probs, torch.full((3,), top_p), candidates=16)
+    for row in range(3):
+        kept = set((probs[row] >= floors[row]).nonzero().squeeze(1).tolist())
+        assert kept == nucleus_by_sorting(probs[row], top_p)
+
+
+def test_sampling_frequencies_follow_the_truncated_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    params = [SamplingParams(temperature=1.0, top_p=0.8)]  # keeps 0.5, 0.2, 0.15 (0.7 before the third < 0.8)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([sample(logits[None].clone(), params, [g]) for _ in range(4000)]), minlength=5)
+    expected = torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85
+    assert counts[3:].sum() == 0
+    torch.testing.assert_close(counts.float() / 4000, expected, atol=0.03, rtol=0)
+    top_k = [SamplingParams(temperature=1.0, top_k=2)]
+    picks = torch.cat([sample(logits[None].clone(), top_k, [g]) for _ in range(500)])
+    assert set(picks.tolist()) == {0, 1}
+
+
+def test_mixed_batch_rows_sample_as_alone():
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_k=50, top_p=0.3)]
+    batched = sample(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(4)])
+    alone = [int(sample(logits[i : i + 1].clone(), [params[i]], [torch.Generator().manual_seed(i)])) for i in range(4)]
+    assert batched.tolist() == alone
+    assert batched[0] == logits[0].argmax()
+
+
+def test_n_samples_with_shared_prefill_equal_each_alone(model):
+    generator = Generator(model, None, max_batch=3)  # 5 samples through 3 rows: later ones copy the kept prefix
+    prompt = list(range(200, 230))
+    for params in (dict(temperature=2.0, top_p=0.95), dict(temperature=0.6, top_k=7)):  # flat nucleus; top-k
+        together = generator.complete([prompt], SamplingParams(n=5, seed=40, max_new_tokens=6, **params))[0]
+        for j, sample_j in enumerate(together):
+            alone = generator.complete([prompt], SamplingParams(n=1, seed=40 + j, max_new_tokens=6, **params))[0][0]
+            assert sample_j.token_ids == alone.token_ids, (params, j)
+        assert len({tuple(c.token_ids) for c in together}) > 1
+
+
+def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_alone(model):
+    requests = {
+        "greedy": (list(range(1, 9)), SamplingParams(max_new_tokens=6, ignore_eos=True)),
+        "hot": (list(range(50, 70)), SamplingParams(max_new_tokens=11, temperature=1.1, top_p=0.9, seed=3, ignore_eos=True)),
+        "pair": (list(range(9, 12)), SamplingParams(max_new_tokens=4, temperature=0.8, n=2, seed=8, ignore_eos=True)),
+        "topk": (list(range(300, 340)), SamplingParams(max_new_tokens=7, temperature=0.5, top_k=3, seed=1, ignore_eos=True)),
+    }
+
+    def alone(name: str) -> dict[int, list[int]]:
+        scheduler = Scheduler(model, None, max_batch=2)
+        scheduler.add_request(*requests[name], request_id=name)
+        out: dict[int, list[int]] = {}
+        while scheduler.has_unfinished():
+            for o in scheduler.step():
+                out.setdefault(o.index, []).extend(o.token_ids)
+        return out
+
+    scheduler = Scheduler(model, None, max_batch=3)
+    scheduler.add_request(list(range(100, 125)), SamplingParams(max_new_tokens=50, ignore_eos=True), "doomed")
+    got: dict[str, dict[int, list[int]]] = {}
+    joining = list(requests)
+    step = 0
+    while joining or scheduler.has_unfinished():
+        if joining and step % 2 == 0:
+            name = joining.pop(0)
+            scheduler.add_request(*requests[name], request_id=name)
+        if step == 3:
+            scheduler.abort("doomed")  # leaves mid-flight; the rows behind it move into its place
+        for o in scheduler.step():
+            got.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.token_ids)
+        step += 1
+    assert len(got["doomed"][0]) == 4
+    for name in requests:
+        assert got[name] == alone(name), name
+
+
+def test_batch_one_holds_one_cache_row(model):
+    scheduler = Scheduler(model, None, max_batch=16)
+    scheduler.add_request([1, 2, 3], SamplingParams(max_new_tokens=5))
+    scheduler.step()
+    assert scheduler.cache.batch_size == 1 and scheduler.cache.max_len == 8
+
+
+# --- requests that must fail before any work --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], {}, "prompt is empty"),
+        ([1] * 250, dict(max_new_tokens=10), "exceeds the model's 256 positions"),
+        ([1, 2], dict(n=0), "n must be at least 1"),
+        ([1, 2], dict(temperature=-0.5), "temperature must be >= 0"),
+        ([1, 2], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        ([1, 2], dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
+        ([1, 2], dict(top_k=-1), "top_k must be >= 0"),
+    ],
+)
+def test_bad_requests_raise_before_any_work(model, prompt, params, message):
+    scheduler = Scheduler(model, None)
+    with pytest.raises(ValueError, match=message):
+        scheduler.add_request(prompt, SamplingParams(**params))
+    assert not scheduler.has_unfinished() and scheduler.cache is None
+
+
+# --- streaming ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+TEXTS = ["print('héllo wörld') # 你好，世界 🙂🚀 done", "x = '🐍' * 3\n\tdef f():\n        return '日本語'"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_never_splits_a_character_and_adds_up(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.encode()) // 4  # multi-byte characters span several tokens
+    stream = TextStream(tokenizer, [])
+    pieces = [stream.add(i) for i in ids] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text == stream.text
+
+
+@pytest.mark.parametrize("stop", ["世界", "🚀 d", "\n\tdef", "return"])
+def test_stream_cuts_before_stop_strings_spanning_tokens(tokenizer, stop):
+    text = next(t for t in TEXTS if stop in t)
+    stream = TextStream(tokenizer, [stop])
+    pieces = []
+    for i in tokenizer.encode(text):
+        pieces.append(stream.add(i))
+        if stream.stopped:
+            break
+    assert stream.stopped
+    assert "".join(pieces) + stream.flush() == text[: text.index(stop)] == stream.text
+
+
+def test_stream_flushes_an_incomplete_character_at_the_end_like_decode(tokenizer):
+    ids = tokenizer.encode("🙂")[:-1]  # the emoji's bytes cut short
+    stream = TextStream(tokenizer, [])
+    assert "".join(stream.add(i) for i in ids) == ""
+    assert stream.flush() == tokenizer.decode(ids)
+
+
+def test_generator_stream_pieces_join_to_the_completion(tiny_checkpoint, tokenizer):
+    model = build_model(vocab_size=51200, n_positions=256, seed=2)
+    generator = Generator(model, tokenizer)
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=5)
+    pieces = list(generator.stream("s = '你好", params))
+    completion = generator.complete(["s = '你好"], params)[0][0]
+    assert "".join(pieces) == completion.text == tokenizer.decode(completion.token_ids)
+    assert all("\ufffd" not in p for p in pieces[:-1])
