@@ -1,0 +1,156 @@
+"""int8 / int4 linear layers: close to fp32 within stated bounds, and bit-for-bit batch-invariant, so the
+scheduler gives a quantized request exactly what it would get alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import build_model
+from torch import nn
+
+from codegen_lm.checkpoint import load_model
+from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.quantize import Int4Linear, Int8Linear, quantize_model
+
+# Relative L2 error of a layer's output on Gaussian weights and inputs. int8: 1/127 steps on weights and
+# (per row) on activations; int4: 1/15 steps per group of 128 weights, activations in bf16.
+LINEAR_BOUNDS = {"int8": 0.02, "int4": 0.13}
+# The same for a whole (tiny, random) model's logits, where errors add up over the layers.
+LOGIT_BOUNDS = {"int8": 0.04, "int4": 0.25}
+
+
+def make_linear(k: int = 256, n: int = 384, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(linear.weight, std=0.02)
+    if bias:
+        nn.init.normal_(linear.bias, std=0.02)
+    return linear
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+LAYERS = {
+    "int8 fbgemm": lambda lin: Int8Linear(lin),
+    "int8 dequant": lambda lin: Int8Linear(lin, backend="dequant"),
+    "int4 int4pack": lambda lin: Int4Linear(lin, 128),
+    "int4 dequant": lambda lin: Int4Linear(lin, 128, backend="dequant"),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layers_are_close_to_fp32(name, bias):
+    linear = make_linear(bias=bias)
+    layer = LAYERS[name](linear)
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        assert relative_error(layer(x), linear(x)) < LINEAR_BOUNDS[name.split()[0]]
+        assert layer(x).shape == (2, 5, 384) and layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["int8 fbgemm", "int4 int4pack"])
+def test_fast_kernels_are_batch_invariant_bit_for_bit(name):
+    layer = LAYERS[name](make_linear())
+    x = torch.randn(7, 256) * torch.logspace(-3, 2, 7)[:, None]  # rows of very different sizes
+    x[3] = 0  # and an all-zero row
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(7)])
+    assert torch.equal(together, alone)
+    assert torch.isfinite(together).all()
+
+
+def test_fast_kernels_agree_with_the_portable_path():
+    linear = make_linear()
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        # Same quantized weights; the fast int8 kernel also quantizes the activations, the portable path does not.
+        assert relative_error(Int8Linear(linear)(x), Int8Linear(linear, backend="dequant")(x)) < 0.01
+        # The int4 kernel differs from the portable path only by the bf16 activations.
+        assert relative_error(Int4Linear(linear, 128)(x), Int4Linear(linear, 128, backend="dequant")(x)) < 0.01
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    return build_model(n_embd=128, n_head=8, rotary_dim=8, n_layer=2, vocab_size=1000, n_positions=256)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_logits_within_bound_and_greedy_agreement(fp32_model, mode):
+    quantized = quantize_model(copy.deepcopy(fp32_model), mode)
+    kinds = {type(m).__name__ for m in quantized.modules()}
+    assert "Linear" not in kinds
+    assert isinstance(quantized.lm_head, Int8Linear)  # int4 keeps the head in int8
+    ids = torch.randint(0, 1000, (4, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = fp32_model(ids).logits, quantized(ids).logits
+    error = relative_error(out, ref)
+    agreement = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(f"{mode}: relative logit error {error:.4f}, argmax agreement {agreement:.3f}")
+    assert error < LOGIT_BOUNDS[mode]
+    assert agreement > {"int8": 0.9, "int4": 0.6}[mode]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_scheduler_gives_each_request_what_it_gets_alone(fp32_model, mode):
+    model = quantize_model(copy.deepcopy(fp32_model), mode)
+    prompts = [list(range(10, 10 + n)) for n in (5, 17, 9)]
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True),
+              SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=1, ignore_eos=True),
+              SamplingParams(max_new_tokens=10, temperature=0.5, n=2, seed=4, ignore_eos=True)]
+
+    def run(requests: list[int], max_batch: int) -> dict[tuple[str, int], list[int]]:
+        scheduler = Scheduler(model, None, max_batch=max_batch)
+        out: dict[tuple[str, int], list[int]] = {}
+        for i in requests:
+            scheduler.add_request(prompts[i], params[i], str(i))
+        while scheduler.has_unfinished():
+            for o in scheduler.step():
+                out.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+        return out
+
+    together = run([0, 1, 2], max_batch=4)
+    for i in range(3):
+        alone = run([i], max_batch=1)
+        assert {k: v for k, v in together.items() if k[0] == str(i)} == alone
+
+
+def test_load_model_quantizes_and_misuse_is_refused(tmp_path, fp32_model):
+    fp32_model.save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m", quantize="int8")
+    assert model.quantization == "int8" and isinstance(model.transformer.h[0].mlp.fc_in, Int8Linear)
+    tokens = Generator(model, None).complete([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0][0].token_ids
+    assert len(tokens) == 4
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, int4"):
+        load_model(tmp_path / "m", quantize="int3")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="cannot be saved"):
+        model.save_pretrained(tmp_path / "q")
+
+
+def test_int4_keeps_int8_for_shapes_its_kernel_cannot_take():
+    model = quantize_model(build_model(n_embd=40, n_head=4, rotary_dim=4, n_inner=72), "int4")  # 40 % 32 != 0
+    assert isinstance(model.transformer.h[0].attn.qkv_proj, Int8Linear)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_complete_command_takes_quantize(tiny_checkpoint, mode):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "codegen_lm.cli", "complete", "def f():", "--model", str(tiny_checkpoint), "-n", "6",
+         "--json", "--quantize", mode],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 6
