@@ -170,6 +170,16 @@ def test_grad_checkpointing_and_accumulation_give_the_same_losses(make_cfg, tmp_
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
 
 
+def test_bf16_autocast_tracks_fp32(make_cfg, tmp_path):
+    train(make_cfg(out=str(tmp_path / "fp32"), steps=3, warmup_steps=1))
+    train(make_cfg(out=str(tmp_path / "bf16"), steps=3, warmup_steps=1, precision="bf16"))
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)  # bf16 matmuls, fp32 master weights and loss
+    from codegen_lm.checkpoint import load_model
+
+    assert load_model(tmp_path / "bf16").lm_head.weight.dtype == torch.float32
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

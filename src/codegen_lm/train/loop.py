@@ -545,7 +545,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"data: {data.meta['summary']}; {data.meta['train_tokens']:,} train tokens in {len(train_blocks):,} "
                   f"blocks of {cfg.seq_len}, {data.meta['val_tokens']:,} validation tokens (cache {data.directory})")
-    console.print(f"model: {n_params / 1e6:.1f}M parameters ({n_train / 1e6:.2f}M trained) on {env.world} x {env.device.type}; "
+    console.print(f"model: {n_params:,} parameters ({n_train:,} trained) on {env.world} x {env.device.type}; "
                   f"{total_steps} steps of {global_batch} blocks ({global_batch * cfg.seq_len:,} tokens)"
                   + (f", resuming after step {start}" if start else ""))
 
