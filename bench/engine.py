@@ -1,0 +1,271 @@
+"""Generation engine benchmark: ours against transformers and CTranslate2, side by side in one run.
+
+    python bench/engine.py                       # 350M shape, random weights, 2 threads, 3 rounds
+    python bench/engine.py --rounds 5 --precisions fp32,int8
+
+For each precision, every system runs in its own subprocess (so peak RSS is per system), one subprocess per
+system and round; the rounds interleave the systems so that load from other processes on a shared machine
+falls on all of them alike. Each figure is the median over rounds. Scenarios (random prompt ids, EOS ignored
+so every run generates the same number of tokens; times are end to end, prefill included):
+
+  decode   batch 1, 64-token prompt, --new-tokens greedy tokens: generated tokens / s
+  n8       8 samples of one 256-token prompt (T 0.8, top-p 0.95): generated tokens / s of all samples
+           (ours: one shared prefill; CTranslate2: num_hypotheses=8; transformers: num_return_sequences=8)
+  prefill  8 different 256-token prompts, one new token each: seconds
+  ttft     one 256-token prompt: seconds to the first token
+  rss      the subprocess's peak resident memory (model load included): GB
+
+The checkpoint (random weights, official layout) and its CTranslate2 conversions (made with CTranslate2's own
+TransformersConverter) are cached in --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SYSTEMS = {  # (system, precision) pairs that exist; transformers has no int8/int4 CPU path of its own
+    "fp32": ["ours", "transformers", "ctranslate2"],
+    "int8": ["ours", "ctranslate2"],
+    "int4": ["ours"],
+}
+SCENARIOS = ("decode", "n8", "prefill", "ttft")
+
+
+def cpu_summary() -> str:
+    flags = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni"]
+    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ','.join(wanted)}"
+
+
+def prompts(vocab: int = 50000) -> dict[str, list]:
+    import random
+
+    rng = random.Random(0)
+    return {
+        "decode": [rng.randrange(vocab) for _ in range(64)],
+        "long": [rng.randrange(vocab) for _ in range(256)],
+        "batch": [[rng.randrange(vocab) for _ in range(256)] for _ in range(8)],
+    }
+
+
+# --- workers: one system, one precision, one measurement of each scenario ----------------------------------
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+    import torch
+
+    from codegen_lm.checkpoint import load_model
+    from codegen_lm.generate import Generator, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint, quantize=None if args.precision == "fp32" else args.precision)
+    generator = Generator(model, None, max_batch=8)
+    new = args.new_tokens
+
+    def complete(batch, **params):
+        results = generator.complete(batch, SamplingParams(ignore_eos=True, **params))
+        assert all(len(c.token_ids) == params["max_new_tokens"] for r in results for c in r)
+
+    complete([p["decode"]], max_new_tokens=8)  # warm-up
+    return {
+        "decode": lambda: new / timed(lambda: complete([p["decode"]], max_new_tokens=new)),
+        "n8": lambda: 8 * new / timed(lambda: complete([p["long"]], max_new_tokens=new, n=8, temperature=0.8, top_p=0.95, seed=1)),
+        "prefill": lambda: timed(lambda: complete(p["batch"], max_new_tokens=1)),
+        "ttft": lambda: timed(lambda: complete([p["long"]], max_new_tokens=1)),
+    }
+
+
+def run_transformers(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    model = transformers.CodeGenForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    new = args.new_tokens
+
+    def generate(batch, **kwargs):
+        with torch.inference_mode():
+            ids = torch.tensor(batch)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=50256, min_new_tokens=kwargs["max_new_tokens"], **kwargs)
+        assert out.shape[1] == ids.shape[1] + kwargs["max_new_tokens"]
+
+    generate([p["decode"]], max_new_tokens=8, do_sample=False)
+    return {
+        "decode": lambda: new / timed(lambda: generate([p["decode"]], max_new_tokens=new, do_sample=False)),
+        "n8": lambda: 8 * new / timed(lambda: generate([p["long"]], max_new_tokens=new, do_sample=True, temperature=0.8,
+                                                        top_p=0.95, top_k=0, num_return_sequences=8)),
+        "prefill": lambda: timed(lambda: generate(p["batch"], max_new_tokens=1, do_sample=False)),
+        "ttft": lambda: timed(lambda: generate([p["long"]], max_new_tokens=1, do_sample=False)),
+    }
+
+
+def run_ctranslate2(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+    import ctranslate2
+
+    folder = Path(args.workdir) / f"ct2-{args.precision}"
+    generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=args.precision.replace("fp32", "float32"),
+                                      intra_threads=args.threads, inter_threads=1)
+    vocab = json.loads((folder / "vocabulary.json").read_text())
+    new = args.new_tokens
+
+    def generate(batch, **kwargs):
+        tokens = [[vocab[i] for i in row] for row in batch]
+        results = generator.generate_batch(tokens, max_length=kwargs.pop("max_length"), include_prompt_in_result=False, **kwargs)
+        assert all(len(seq) == kwargs["min_length"] for r in results for seq in r.sequences_ids)
+
+    generate([p["decode"]], max_length=8, min_length=8)
+    return {
+        "decode": lambda: new / timed(lambda: generate([p["decode"]], max_length=new, min_length=new)),
+        "n8": lambda: 8 * new / timed(lambda: generate([p["long"]], max_length=new, min_length=new, num_hypotheses=8,
+                                                        sampling_topk=0, sampling_topp=0.95, sampling_temperature=0.8)),
+        "prefill": lambda: timed(lambda: generate(p["batch"], max_length=1, min_length=1)),
+        "ttft": lambda: timed(lambda: generate([p["long"]], max_length=1, min_length=1)),
+    }
+
+
+def peak_rss() -> float:
+    """This process's peak resident memory in GB (VmHWM: unlike ru_maxrss it does not include what the parent
+    process held when it forked us)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def worker(args: argparse.Namespace) -> None:
+    runner = {"ours": run_ours, "transformers": run_transformers, "ctranslate2": run_ctranslate2}[args.system]
+    scenarios = runner(args, prompts())
+    result = {name: scenarios[name]() for name in args.scenarios.split(",")}
+    result["rss"] = peak_rss()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- driver -------------------------------------------------------------------------------------------------
+
+
+def prepare(workdir: Path, precisions: list[str]) -> Path:
+    """The random-weight 350M checkpoint and its CTranslate2 conversions, made once."""
+    checkpoint = workdir / "codegen-350M-random"
+    if not (checkpoint / "model.safetensors").exists():
+        import torch
+
+        from codegen_lm import CodeGenConfig, CodeGenForCausalLM
+
+        torch.manual_seed(0)
+        CodeGenForCausalLM(CodeGenConfig.preset("codegen-350M-mono")).save_pretrained(checkpoint)
+    for precision in precisions:
+        folder = workdir / f"ct2-{precision}"
+        if precision in ("fp32", "int8") and not (folder / "model.bin").exists():
+            from ctranslate2.converters import TransformersConverter
+
+            quantization = {"fp32": "float32", "int8": "int8"}[precision]
+            TransformersConverter(str(checkpoint)).convert(str(folder), quantization=quantization, force=True)
+    return checkpoint
+
+
+def arguments(argv: list[str] | None = None, **defaults: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/codegen-lm-bench")
+    parser.add_argument("--precisions", default="fp32,int8,int4")
+    parser.add_argument("--systems", default="ours,transformers,ctranslate2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--json", help="also write the medians here")
+    parser.add_argument("--worker", nargs=2, metavar=("SYSTEM", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
+    if args.worker:
+        args.system, args.precision = args.worker
+        worker(args)
+        return
+
+    workdir = Path(args.workdir)
+    precisions = args.precisions.split(",")
+    runs = [(s, p) for p in precisions for s in SYSTEMS[p] if s in args.systems.split(",")]
+    medians = measure(runs, args)
+    print_table(medians, precisions)
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{s} {p}": m for (s, p), m in medians.items()}, indent=2) + "\n")
+
+
+def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple[str, str], dict[str, float]]:
+    """Run every (system, precision) once per round, each in its own subprocess; medians over rounds (RSS: max)."""
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = prepare(workdir, sorted({p for s, p in runs if s == "ctranslate2"}))
+    print(f"CPU: {cpu_summary()}")
+    print(f"threads {args.threads}, {args.rounds} rounds, {args.new_tokens} new tokens; load average at start: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {run: [] for run in runs}
+    for round_ in range(args.rounds):
+        for system, precision in runs:
+            command = [sys.executable, __file__, "--worker", system, precision, "--checkpoint", str(checkpoint),
+                       "--workdir", str(workdir), "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                       "--scenarios", args.scenarios]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{system} {precision} failed:\n{done.stderr[-3000:]}")
+            samples[(system, precision)].append(json.loads(line[7:]))
+            print(f"round {round_ + 1} {system:12s} {precision}: {line[7:]}", flush=True)
+    print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    medians = {run: {k: statistics.median(s[k] for s in results) for k in results[0]} for run, results in samples.items()}
+    return {run: {**m, "rss": max(s["rss"] for s in samples[run])} for run, m in medians.items()}
+
+
+COLUMNS = {"decode": ("decode tok/s", "{:.1f}"), "n8": ("n=8 gen tok/s", "{:.1f}"), "prefill": ("prefill 8×256 s", "{:.2f}"),
+           "ttft": ("TTFT 256 s", "{:.3f}"), "rss": ("peak RSS GB", "{:.2f}")}
+
+
+def print_table(medians: dict[tuple[str, str], dict[str, float]], precisions: list[str]) -> None:
+    keys = [k for k in COLUMNS if k in next(iter(medians.values()))]
+    print("\n| system | precision | " + " | ".join(COLUMNS[k][0] for k in keys) + " |\n|" + "---|" * (len(keys) + 2))
+    for (system, precision), m in medians.items():
+        print(f"| {system} | {precision} | " + " | ".join(COLUMNS[k][1].format(m[k]) for k in keys) + " |")
+    print("\nRatios, ours / peer (higher is better for ours; prefill, TTFT and RSS are peer / ours):")
+    for precision in precisions:
+        ours = medians.get(("ours", precision))
+        for peer in ("transformers", "ctranslate2"):
+            for peer_precision in dict.fromkeys([precision, "fp32"]):
+                theirs = medians.get((peer, peer_precision))
+                if ours is None or theirs is None:
+                    continue
+                ratios = [f"{k} {(ours[k] / theirs[k]) if k in ('decode', 'n8') else (theirs[k] / ours[k]):.2f}×" for k in keys]
+                print(f"ours {precision} vs {peer} {peer_precision}: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
