@@ -83,8 +83,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     restricted to the top-k tokens and to the top-p nucleus, then inverse-CDF sampling (in vocabulary order)
     with one uniform draw from the row's own generator. Nothing here sorts the vocabulary: a full sort of
     50k probabilities per row and step costs more than the rest of sampling together."""
-    tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(dim=-1) if len(rows) < len(params) else logits.new_zeros(len(params), dtype=torch.long)
     if not rows:
         return tokens
     device, vocab = logits.device, logits.shape[-1]
@@ -113,7 +113,7 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 64
     A token is in the nucleus when the tokens strictly more probable than it hold less than top_p of the mass:
     the smallest set of most probable tokens that reaches top_p, plus any tied with its least probable one.
     The top ``candidates`` tokens settle peaked rows; flat rows (high temperature, random weights) are settled by
-    bisecting the threshold over the bit patterns of positive floats, which order like the floats themselves."""
+    a histogram of the probabilities' bit patterns (no full sort either way)."""
     rows = probs.shape[0]
     floor = torch.zeros(rows, dtype=probs.dtype, device=probs.device)
     ranked = probs.topk(min(candidates, probs.shape[-1]), dim=-1).values
@@ -122,21 +122,26 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 64
     floor = torch.where(settled, ranked.gather(1, (kept - 1)[:, None]).squeeze(1), floor)
     flat = (~settled & (top_p < 1)).nonzero().squeeze(1).tolist()
     if flat:
-        floor[flat] = _bisect_floor(probs[flat], top_p[flat])
+        floor[flat] = _histogram_floor(probs[flat], top_p[flat])
     return torch.where(top_p < 1, floor, 0)
 
 
-def _bisect_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    # Invariant: mass(p > lo) >= top_p > mass(p > hi); 31 halvings of the bit range leave adjacent floats,
-    # and then the nucleus is exactly the tokens with p >= hi.
-    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)
-    hi = probs.amax(dim=-1).view(torch.int32)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        mass = torch.where(probs > mid.view(torch.float32)[:, None], probs, 0).sum(dim=-1)
-        above = mass >= top_p
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return hi.view(torch.float32)
+def _histogram_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # Positive floats order like their int32 bit patterns, so the top 16 bits put each probability in one of 2^15
+    # ordered bins. One pass sums the mass per bin; the nucleus ends in the bin where the mass of the bins above
+    # it first falls below top_p (every bin above is kept whole, every bin below dropped), and only that bin's
+    # few tokens are sorted to find the exact floor.
+    rows = probs.shape[0]
+    keys = (probs.view(torch.int32) >> 16).long()
+    mass = torch.zeros(rows, 1 << 15, dtype=probs.dtype, device=probs.device).scatter_add_(1, keys, probs)
+    above = mass.flip(-1).cumsum(dim=-1).flip(-1) - mass  # mass of the bins above each bin
+    boundary = ((above < top_p[:, None]) & (mass > 0)).int().argmax(dim=-1)  # the lowest such bin
+    floors = []
+    for row in range(rows):
+        members = probs[row][keys[row] == boundary[row]].sort(descending=True).values
+        kept = int(((members.cumsum(dim=0) - members + above[row, boundary[row]]) < top_p[row]).sum())
+        floors.append(members[max(kept, 1) - 1])
+    return torch.stack(floors)
 
 
 class TextStream:
