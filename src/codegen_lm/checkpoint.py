@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import CodeGenConfig
-from .hub import CheckpointNotFoundError, atomic_write_text, is_local, list_files, resolve_file
+from .hub import CheckpointNotFoundError, atomic_path, atomic_write_text, is_local, list_files, resolve_file
 from .model import CodeGenForCausalLM, CodeGenPreTrainedModel, rotary_table
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -225,17 +224,10 @@ def save_model(
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, safe: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if safe:
             from safetensors.torch import save_file
 
             save_file(tensors, tmp, metadata={"format": "pt"})
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
