@@ -1,11 +1,10 @@
 """Load test of `codegen-lm serve`: N concurrent streaming clients (1, 8, 32) for a bounded time against a
 random-weight model on loopback; requests/s, tokens/s, p50/p99 latency and time to first token, errors.
 
-Each model shape is served twice, each server in its own process: with continuous batching (max batch 32)
-and without it (max batch 1, requests served one at a time, as a server without a batching scheduler
-would; 32 clients, one run). Every batching level runs ``--repeats`` times, the levels interleaved; figures
-are medians. Clients stop sending after
-``--duration`` seconds and the level ends when their last request does.
+Each model shape is served in its own process with continuous batching (max batch 32); the small one also
+without it (max batch 1: requests served one at a time, as by a server without a batching scheduler; 32
+clients, one run). Every batching level runs ``--repeats`` times, the levels interleaved; figures are
+medians. Clients stop sending after ``--duration`` seconds and the level ends when their last request does.
 
     python bench/serve_load.py                          # small + 350M shapes, 3 repeats
     python bench/serve_load.py --models small --duration 5 --repeats 1
@@ -225,21 +224,18 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for (shape, batching), rows in results.items():
+    for color, ((shape, batching), rows) in zip(("C0", "C1", "C2", "C3"), results.items()):
         x = [r["clients"] for r in rows]
-        style = "-o" if batching else "--x"
+        marker = "o" if batching else "x"
         label = f"{shape}, {'batching' if batching else 'one at a time'}"
-        axes[0].plot(x, [r["tokens_per_s"] for r in rows], style, label=label)
-        axes[1].plot(x, [r["latency_p50"] for r in rows], style, label=label + " p50")
-        axes[1].plot(x, [r["latency_p99"] for r in rows], style, alpha=0.4, label=label + " p99")
-        axes[2].plot(x, [r["ttft_p50"] for r in rows], style, label=label + " p50")
-        axes[2].plot(x, [r["ttft_p99"] for r in rows], style, alpha=0.4, label=label + " p99")
-    for ax, title, unit in zip(axes, ("throughput", "request latency", "time to first token"),
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], "-" + marker, color=color, label=label)
+        for ax, key in ((axes[1], "latency"), (axes[2], "ttft")):
+            ax.plot(x, [r[key + "_p50"] for r in rows], "-" + marker, color=color, label=label + ", p50")
+            ax.plot(x, [r[key + "_p99"] for r in rows], ":" + marker, color=color, alpha=0.6, label=label + ", p99")
+    for ax, title, unit in zip(axes, ("throughput", "request latency (64 tokens)", "time to first token"),
                                ("generated tokens / s", "seconds", "seconds")):
-        ax.set(title=title, xlabel="concurrent clients", ylabel=unit, xscale="log")
+        ax.set(title=title, xlabel="concurrent clients", ylabel=unit, xscale="log", yscale="log")
         ax.set_xticks([1, 8, 32], ["1", "8", "32"])
-        if ax is not axes[0]:
-            ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7)
@@ -256,15 +252,21 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds of sending per level "
                         "(default 10 for small, 30 for 350M)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64, help="per request (a typical completion length)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--unbatched", default="small", help="shapes also served one at a time (max batch 1) "
+                        "to 32 clients; a 350M run of that takes 32 x 64 tokens at batch 1, minutes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve_load.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "serve_latency.png")
+    parser.add_argument("--replot", type=Path, help="only redraw --plot from a results JSON written by --out")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve, args.port, args.max_batch)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        return plot({(k.split("/")[0], k.endswith("/batching")): rows for k, rows in saved.items()}, args.plot)
 
     import torch
 
@@ -276,7 +278,7 @@ def main() -> None:
     for shape in args.models.split(","):
         duration = args.duration if args.duration is not None else (10.0 if shape == "small" else 30.0)
         level_args = argparse.Namespace(**{**vars(args), "duration": duration})
-        for batching in (True, False):
+        for batching in (True, False) if shape in args.unbatched.split(",") else (True,):
             key = (shape, batching)
             results[key], peaks[key] = measure(shape, args.max_batch if batching else 1,
                                                levels if batching else [levels[-1]], level_args)
@@ -295,11 +297,13 @@ def main() -> None:
     for shape in args.models.split(","):
         rows = {r["clients"]: r for r in results[(shape, True)]}
         lo, hi = min(rows), max(rows)
-        unbatched = results[(shape, False)][0]
         ratio = rows[hi]["tokens_per_s"] / rows[lo]["tokens_per_s"]
-        errors = sum(r["errors"] for r in results[(shape, True)]) + unbatched["errors"]
-        print(f"{shape}: tokens/s at {hi} clients / at {lo} client = {ratio:.1f}x; vs {hi} clients without "
-              f"batching = {rows[hi]['tokens_per_s'] / unbatched['tokens_per_s']:.1f}x; errors: {errors}")
+        errors = sum(r["errors"] for rs in (results.get((shape, b), []) for b in (True, False)) for r in rs)
+        line = f"{shape}: tokens/s at {hi} clients / at {lo} client = {ratio:.1f}x"
+        if (shape, False) in results:
+            unbatched = results[(shape, False)][0]
+            line += f"; vs {hi} clients without batching = {rows[hi]['tokens_per_s'] / unbatched['tokens_per_s']:.1f}x"
+        print(line + f"; errors: {errors}")
         ok &= ratio >= 4 and errors == 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({f"{s}/{'batching' if b else 'unbatched'}": rows for (s, b), rows in results.items()},

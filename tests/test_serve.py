@@ -258,6 +258,8 @@ def test_auth(srv, tmp_path, monkeypatch):
     keys.write_text("\n# none\n")
     with pytest.raises(ValueError, match="no API key"):
         load_api_keys(keys)
+    with pytest.raises(FileNotFoundError, match="API key file .* does not exist"):
+        load_api_keys(tmp_path / "missing")
 
 
 LONG = "x" * 5000  # about 600 tokens: over the limit with max_tokens 600 (1024 positions)

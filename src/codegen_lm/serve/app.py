@@ -51,6 +51,8 @@ def load_api_keys(path: str | os.PathLike | None = None) -> tuple[str, ...]:
     (comma-separated)."""
     keys: list[str] = []
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"API key file {path} does not exist; put one key per line in it")
         text = Path(path).read_text()
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:

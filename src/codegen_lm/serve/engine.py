@@ -102,7 +102,6 @@ class Engine:
         self.closed = False
         self.num_waiting = 0  # scheduler state after the last step, for metrics (written by the engine thread)
         self.num_running = 0
-        self.steps = 0
         self.on_tokens: Any = None  # called with the number of tokens generated in a step (metrics)
         self._latency = 1.0  # smoothed seconds per finished job, for Retry-After
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -231,7 +230,6 @@ class Engine:
                 old = self.scheduler
                 self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id)
                 continue
-            self.steps += 1
             self.num_waiting, self.num_running = self.scheduler.num_waiting, self.scheduler.num_running
             if self.on_tokens is not None:
                 self.on_tokens(sum(len(o.token_ids) for o in outputs))
