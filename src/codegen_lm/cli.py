@@ -146,7 +146,10 @@ def convert_command(
     from .checkpoint import parse_size
     from .convert import SIDE_FILES, convert
 
-    shard_bytes = parse_size(max_shard_size)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ValueError(f"--max-shard-size {e}") from None
     start = time.perf_counter()
     out = convert(src, dst, to, dtype=dtype, quantization=quantization, force=force, max_shard_size=shard_bytes, progress=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
