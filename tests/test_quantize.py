@@ -154,3 +154,22 @@ def test_complete_command_takes_quantize(tiny_checkpoint, mode):
     )
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 6
+
+
+def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
+    from codegen_lm.quantize import PackedLinear, pack_model
+
+    packed = pack_model(copy.deepcopy(fp32_model))
+    assert all(not isinstance(m, nn.Linear) for m in packed.modules())
+    assert isinstance(packed.lm_head, PackedLinear)
+    ids = torch.randint(0, 1000, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, fp32_model(ids).logits, atol=1e-5, rtol=1e-5)
+    prompt = list(range(40, 60))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert (Generator(packed, None).complete([prompt], params)[0][0].token_ids
+            == Generator(fp32_model, None).complete([prompt], params)[0][0].token_ids)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        packed.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="already quantized or packed"):
+        quantize_model(packed, "int8")
