@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -200,3 +201,20 @@ def test_many_in_parallel(sandbox):
 def test_bad_limits():
     with pytest.raises(ValueError, match="timeout must be positive"):
         Limits(timeout=0)
+
+
+@needs_bwrap
+def test_an_interpreter_under_tmp_stays_visible():
+    """A venv under /tmp (hidden by the sandbox's private /tmp unless bound back) still isolates."""
+    import subprocess
+    import tempfile
+    import venv
+
+    env_dir = Path(tempfile.mkdtemp(dir="/tmp")) / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(env_dir)  # as `python -m venv` does
+    script = "from codegen_lm.sandbox import Sandbox, bwrap_problem; print(bwrap_problem()); print(Sandbox(workers=1).run('print(6 * 7)').stdout)"
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([str(env_dir / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(src)))
+    assert out.stdout.split("\n")[:2] == ["None", "42"], out.stderr
+    shutil.rmtree(env_dir.parent)

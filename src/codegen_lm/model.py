@@ -199,7 +199,7 @@ class CodeGenAttention(nn.Module):
         x: torch.Tensor,
         sin: torch.Tensor,
         cos: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
@@ -219,7 +219,7 @@ class CodeGenAttention(nn.Module):
             y = weights @ v
         else:
             dropout = self.attn_pdrop if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.resid_dropout(self.out_proj(y)), present, weights
 
@@ -259,7 +259,7 @@ class CodeGenBlock(nn.Module):
         self.attn = CodeGenAttention(config)
         self.mlp = CodeGenMLP(config)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor, **attn_kwargs: Any):
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None, **attn_kwargs: Any):
         h = self.ln_1(x)
         attn_out, present, weights = self.attn(h, sin, cos, mask, **attn_kwargs)
         return x + attn_out + self.mlp(h), present, weights
@@ -367,13 +367,16 @@ class CodeGenModel(CodeGenPreTrainedModel):
             x = x + self.wte(token_type_ids.reshape(-1, t))
 
         # Causal over [past + new] keys, and padded keys (attention_mask == 0) hidden. A query always sees
-        # itself, so rows of left padding stay finite (their outputs are never used).
-        key_pos = torch.arange(past_len + t, device=x.device)
-        query_pos = key_pos[past_len:, None]
-        mask = (key_pos[None, :] <= query_pos)[None, None]
-        if attention_mask is not None:
-            keep = attention_mask.to(torch.bool).reshape(b, 1, 1, past_len + t)
-            mask = (mask & keep) | (key_pos[None, :] == query_pos)[None, None]
+        # itself, so rows of left padding stay finite (their outputs are never used). Without padding or a
+        # past, no mask is built: SDPA's is_causal lets fused (flash) kernels run, which matters in training.
+        mask = None
+        if attention_mask is not None or past_len or output_attentions:
+            key_pos = torch.arange(past_len + t, device=x.device)
+            query_pos = key_pos[past_len:, None]
+            mask = (key_pos[None, :] <= query_pos)[None, None]
+            if attention_mask is not None:
+                keep = attention_mask.to(torch.bool).reshape(b, 1, 1, past_len + t)
+                mask = (mask & keep) | (key_pos[None, :] == query_pos)[None, None]
 
         hidden_states, attentions, presents = [], [], []
         x = self.drop(x)

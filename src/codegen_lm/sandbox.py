@@ -165,21 +165,25 @@ def _interpreter_paths() -> tuple[str, ...]:
 @functools.cache
 def _reachable_args(paths: tuple[str, ...]) -> tuple[str, ...]:
     """bwrap arguments that let any uid reach ``paths``: each folder on the way that others may not enter
-    (like /root) is covered with an empty tmpfs into which only the needed entry is bound (read-only)."""
+    (like /root) is covered with an empty tmpfs into which only the needed entry is bound (read-only).
+    Folders under /tmp are taken from the host too, since the sandbox's /tmp is a fresh tmpfs."""
     args: list[str] = []
-    done: set[str] = set()
+    covered: set[str] = set()  # folders replaced by an empty tmpfs
+    bound: set[str] = set()  # entries bound from the host (everything below them is visible)
     for path in paths:
         parts = Path(path).parts
         for i in range(1, len(parts)):
             folder, child = str(Path(*parts[:i])), str(Path(*parts[: i + 1]))
-            if child in done:
-                continue
-            if folder in done or os.stat(folder).st_mode & 0o005 != 0o005:
-                if folder not in done:
+            if child in bound or folder in bound:
+                break
+            hidden = folder == "/tmp" or folder in covered or os.stat(folder).st_mode & 0o005 != 0o005
+            if hidden:
+                if folder not in covered and folder != "/tmp":
                     args += ["--perms", "0755", "--tmpfs", folder]
-                    done.add(folder)
+                    covered.add(folder)
                 args += ["--ro-bind", child, child]
-                done.add(child)
+                bound.add(child)
+                break
     return tuple(args)
 
 
@@ -239,10 +243,12 @@ class Sandbox:
                "--die-with-parent", "--new-session",
                "--perms", "1777", "--size", str(limits.tmp_size), "--tmpfs", "/tmp", "--chdir", "/tmp",
                "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp"]
+        # An interpreter under /tmp (a throwaway venv) would vanish under the private /tmp: bind it back.
+        cmd += _reachable_args(tuple(p for p in _interpreter_paths() if p.startswith("/tmp/")))
         if self._root:
             # Root ignores RLIMIT_NPROC: the bootstrap drops to an unprivileged uid, so it needs to reach the
             # interpreter's files (pyenv under /root, say) and the rights to change uid, nothing more.
-            cmd += _reachable_args(_interpreter_paths())
+            cmd += _reachable_args(tuple(p for p in _interpreter_paths() if not p.startswith("/tmp/")))
             cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             cmd += ["--unshare-user"]
