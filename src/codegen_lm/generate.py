@@ -4,7 +4,7 @@ built on it (``Generator.complete``/``stream`` and transformers-style ``generate
 A request asks for ``n`` samples of one prompt. Its prompt is prefilled once; the n sequences copy that
 prefix into their own cache rows. Requests join and leave between decode steps, each with its own
 sampling settings, stop strings and limits. Every sequence draws from its own seeded generator, so what
-it produces does not depend on what else is in the batch.
+it produces does not depend on what else is in the batch (up to float rounding between batch shapes).
 """
 
 from __future__ import annotations
