@@ -214,7 +214,6 @@ def main() -> None:
         worker(args)
         return
 
-    workdir = Path(args.workdir)
     precisions = args.precisions.split(",")
     runs = [(s, p) for p in precisions for s in SYSTEMS[p] if s in args.systems.split(",")]
     medians = measure(runs, args)

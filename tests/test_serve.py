@@ -29,7 +29,6 @@ from codegen_lm.generate import Generator, SamplingParams, Scheduler
 from codegen_lm.serve import Limits, ServerConfig, create_app, load_api_keys
 from codegen_lm.serve.protocol import ChatMessage, chat_turns
 from codegen_lm.session import MTPB_PRELUDE, Session
-from codegen_lm.tokenizer import AutoTokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "codegen_lm" / "data"
 KEY = "sk-test-0123456789"

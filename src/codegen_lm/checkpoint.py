@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -43,18 +42,19 @@ def parse_dtype(dtype: str | torch.dtype | None, config: CodeGenConfig | None = 
 
 
 def parse_device(device: str | torch.device | None, device_map: str | dict | None = None) -> torch.device:
+    """``None`` → CPU (as in transformers); ``"auto"`` → the GPU when there is one, else CPU."""
     if device_map is not None:
         if isinstance(device_map, dict):
             devices = set(device_map.values())
             if len(devices) != 1:
                 raise ValueError("device_map across several devices is not supported; give one device")
             device = devices.pop()
-        elif device_map == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             device = device_map
-    if device is None or device == "auto":
+    if device is None:
         return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available here; use --device cpu")

@@ -57,13 +57,10 @@ def read_prompt(prompt: str) -> str:
 
 def load_generator(model: str, dtype: str, device: str, quantize: str | None):
     """Model + tokenizer, with a status line on stderr while the weights load."""
-    import torch
     from rich.console import Console
 
     from .generate import Generator
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     with Console(stderr=True).status(f"loading {model}"):
         return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
 

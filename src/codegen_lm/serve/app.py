@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..generate import Completion, Scheduler, SequenceOutput
+from ..generate import Completion, Generator, Scheduler, SequenceOutput
 from ..session import CodeCutter, build_prompt
 from . import protocol as P
 from .engine import Engine, EngineClosedError, Job, JobError, QueueFullError
@@ -454,19 +454,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
           log_level: str = "info") -> None:
     """Load ``model`` and serve it with uvicorn until SIGINT/SIGTERM; in-flight requests get
     ``shutdown_timeout`` seconds to finish, then end with an error event."""
-    import torch
     import uvicorn
-
-    from ..checkpoint import load_model
-    from ..tokenizer import AutoTokenizer
 
     keys = load_api_keys(api_key_file)
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    scheduler = Scheduler(load_model(model, dtype=dtype, device=device, quantize=quantize),
-                          AutoTokenizer.from_pretrained(model), max_batch)
+    # The same loading as every other command (on CPU, fp32 weights repacked for faster matmuls).
+    generator = Generator.from_pretrained(model, max_batch, dtype=dtype, device=device or "auto", quantize=quantize)
+    scheduler = generator.scheduler()
     config = ServerConfig(served_model_name or model, keys, max_batch, max_queue, limits or P.Limits())
     uvicorn.run(create_app(scheduler, config), host=host, port=port, log_level=log_level,
                 limit_concurrency=max_connections, timeout_graceful_shutdown=shutdown_timeout)

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..hub import atomic_write_text
-from .data import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS, BlockOrder, DataSpec, PackedBlocks, TokenizedData, prepare
+from .data import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS, BlockOrder, DataSpec, PackedBlocks, prepare
 
 LORA_TARGETS = ("qkv_proj", "out_proj", "fc_in", "fc_out")
 # Settings that may change when resuming: they do not affect what is computed.
