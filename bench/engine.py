@@ -81,12 +81,10 @@ def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]
 
     from codegen_lm.checkpoint import load_model
     from codegen_lm.generate import Generator, SamplingParams
-    from codegen_lm.quantize import pack_model, packing_pays
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, quantize=None if args.precision == "fp32" else args.precision)
-    if packing_pays(model):  # what Generator.from_pretrained does on CPU
-        pack_model(model)
+    # What Generator.from_pretrained does (the checkpoint has no tokenizer files).
+    model = load_model(args.checkpoint, quantize=None if args.precision == "fp32" else args.precision, inference=True)
     generator = Generator(model, None, max_batch=8)
     new = args.new_tokens
 

@@ -1,5 +1,5 @@
-"""int8 / int4 linear layers: close to fp32 within stated bounds, and bit-for-bit batch-invariant, so the
-scheduler gives a quantized request exactly what it would get alone."""
+"""int8 / int4 linear layers and models prepared for inference: close to fp32 within stated bounds, and
+batch-invariant (bit for bit within a kernel), so the scheduler gives a quantized request what it would get alone."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from codegen_lm.checkpoint import load_model
 from codegen_lm.generate import Generator, SamplingParams, Scheduler
-from codegen_lm.quantize import Int4Linear, Int8Linear, quantize_model
+from codegen_lm.quantize import Int4Linear, Int8Linear, PackedLinear, _onednn_int8_available, prepare_for_inference
 
 # Relative L2 error of a layer's output on Gaussian weights and inputs. int8: 1/127 steps on weights and
 # (per row) on activations; int4: 1/15 steps per group of 128 weights, activations in bf16.
@@ -48,13 +48,14 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_layers_are_close_to_fp32(name, bias):
+@pytest.mark.parametrize("rows", [5, 20])  # int8 on CPU: fbgemm below Int8Linear.ONEDNN_MIN_ROWS rows, oneDNN from there
+def test_layers_are_close_to_fp32(name, bias, rows):
     linear = make_linear(bias=bias)
     layer = LAYERS[name](linear)
-    x = torch.randn(2, 5, 256)
+    x = torch.randn(2, rows, 256)
     with torch.no_grad():
         assert relative_error(layer(x), linear(x)) < LINEAR_BOUNDS[name.split()[0]]
-        assert layer(x).shape == (2, 5, 384) and layer(x).dtype == torch.float32
+        assert layer(x).shape == (2, rows, 384) and layer(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", ["int8 fbgemm", "int4 int4pack"])
@@ -67,6 +68,20 @@ def test_fast_kernels_are_batch_invariant_bit_for_bit(name):
         alone = torch.cat([layer(x[i : i + 1]) for i in range(7)])
     assert torch.equal(together, alone)
     assert torch.isfinite(together).all()
+
+
+@pytest.mark.skipif(not _onednn_int8_available(), reason="oneDNN int8 runs only on CPUs with VNNI")
+def test_int8_prefill_kernel_is_batch_invariant_and_agrees_with_the_decode_kernel_to_rounding():
+    layer = Int8Linear(make_linear())
+    x = torch.randn(40, 256) * torch.logspace(-3, 2, 40)[:, None]
+    x[3] = 0
+    with torch.no_grad():
+        many = layer(x)  # oneDNN
+        fewer = layer(x[:Int8Linear.ONEDNN_MIN_ROWS])  # oneDNN, another batch shape
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(40)])  # fbgemm
+    assert torch.equal(many[: Int8Linear.ONEDNN_MIN_ROWS], fewer)
+    # Same integer products; only the final float scaling may round differently (1 ulp of the row's scale).
+    assert ((many - alone).abs() <= 1e-6 * alone.abs().amax(dim=-1, keepdim=True)).all()
 
 
 def test_fast_kernels_agree_with_the_portable_path():
@@ -86,7 +101,7 @@ def fp32_model():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_logits_within_bound_and_greedy_agreement(fp32_model, mode):
-    quantized = quantize_model(copy.deepcopy(fp32_model), mode)
+    quantized = prepare_for_inference(copy.deepcopy(fp32_model), mode)
     kinds = {type(m).__name__ for m in quantized.modules()}
     assert "Linear" not in kinds
     assert isinstance(quantized.lm_head, Int8Linear)  # int4 keeps the head in int8
@@ -102,7 +117,7 @@ def test_quantized_logits_within_bound_and_greedy_agreement(fp32_model, mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_scheduler_gives_each_request_what_it_gets_alone(fp32_model, mode):
-    model = quantize_model(copy.deepcopy(fp32_model), mode)
+    model = prepare_for_inference(copy.deepcopy(fp32_model), mode)
     prompts = [list(range(10, 10 + n)) for n in (5, 17, 9)]
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True),
               SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=1, ignore_eos=True),
@@ -127,20 +142,20 @@ def test_quantized_scheduler_gives_each_request_what_it_gets_alone(fp32_model, m
 def test_load_model_quantizes_and_misuse_is_refused(tmp_path, fp32_model):
     fp32_model.save_pretrained(tmp_path / "m")
     model = load_model(tmp_path / "m", quantize="int8")
-    assert model.quantization == "int8" and isinstance(model.transformer.h[0].mlp.fc_in, Int8Linear)
+    assert model.quantization == "int8" and isinstance(model.transformer.h[0].in_proj, Int8Linear)
     tokens = Generator(model, None).complete([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0][0].token_ids
     assert len(tokens) == 4
     with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, int4"):
         load_model(tmp_path / "m", quantize="int3")
-    with pytest.raises(ValueError, match="already quantized"):
-        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="already prepared for inference"):
+        prepare_for_inference(model, "int4")
     with pytest.raises(ValueError, match="cannot be saved"):
         model.save_pretrained(tmp_path / "q")
 
 
 def test_int4_keeps_int8_for_shapes_its_kernel_cannot_take():
-    model = quantize_model(build_model(n_embd=40, n_head=4, rotary_dim=4, n_inner=72), "int4")  # 40 % 32 != 0
-    assert isinstance(model.transformer.h[0].attn.qkv_proj, Int8Linear)
+    model = prepare_for_inference(build_model(n_embd=40, n_head=4, rotary_dim=4, n_inner=72), "int4")  # 40 % 32 != 0
+    assert isinstance(model.transformer.h[0].in_proj, Int8Linear)
 
 
 @pytest.mark.slow
@@ -157,11 +172,9 @@ def test_complete_command_takes_quantize(tiny_checkpoint, mode):
 
 
 def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
-    from codegen_lm.quantize import PackedLinear, pack_model
-
-    packed = pack_model(copy.deepcopy(fp32_model))
+    packed = prepare_for_inference(copy.deepcopy(fp32_model))
     assert all(not isinstance(m, nn.Linear) for m in packed.modules())
-    assert isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.transformer.h[0].in_proj, PackedLinear)
     ids = torch.randint(0, 1000, (3, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, fp32_model(ids).logits, atol=1e-5, rtol=1e-5)
@@ -171,5 +184,35 @@ def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
             == Generator(fp32_model, None).complete([prompt], params)[0][0].token_ids)
     with pytest.raises(ValueError, match="cannot be saved"):
         packed.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="already quantized or packed"):
-        quantize_model(packed, "int8")
+    with pytest.raises(ValueError, match="already prepared for inference"):
+        prepare_for_inference(packed, "int8")
+
+
+def test_fused_projections_compute_what_the_four_do(fp32_model):
+    """Fusing alone (what a GPU or half-precision model gets): the same logits, and no trainable leftovers."""
+    block = copy.deepcopy(fp32_model.transformer.h[0])
+    x = torch.randn(2, 7, 128)
+    sin, cos = fp32_model.transformer._rotary(torch.arange(7).expand(2, 7))
+    with torch.no_grad():
+        before = block(x, sin, cos, None)[0]
+        block.fuse_projections()
+        after = block(x, sin, cos, None)[0]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert {name for name, _ in block.named_parameters()} == {
+        "ln_1.weight", "ln_1.bias", "in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias"}
+    with pytest.raises(ValueError, match="cannot be saved"):
+        block.state_dict()
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_loading_for_inference_equals_preparing_after_loading(tmp_path, fp32_model, mode):
+    """load_model converts block by block while reading; the result is the same model, for sharded files too."""
+    fp32_model.save_pretrained(tmp_path / "m", max_shard_size="200KB")
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
+    streamed = load_model(tmp_path / "m", quantize=mode, inference=True)
+    after = prepare_for_inference(load_model(tmp_path / "m"), mode)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, after(ids).logits)
+    assert streamed.quantization == mode
+    assert [type(m).__name__ for m in streamed.modules()] == [type(m).__name__ for m in after.modules()]

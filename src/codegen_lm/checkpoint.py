@@ -1,14 +1,18 @@
 """Load and save checkpoints in the official layout: config.json plus .safetensors or .bin, single or sharded.
 
 Loading builds the model on the meta device and assigns each tensor as it is read (safetensors tensor by
-tensor, .bin through a memory map), so the weights are never held twice in memory.
+tensor, .bin through a memory map), so the weights are never held twice in memory; a model loaded for
+inference is converted block by block as it is read (``load_model(..., inference=True)``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,16 +84,43 @@ def weight_files(name_or_path: str | os.PathLike) -> list[Path]:
     raise CheckpointNotFoundError(f"no weights ({' or '.join(WEIGHT_FILES[::2])}) in {where} {name_or_path}")
 
 
+def _read_order(key: str) -> tuple[int, int]:
+    """Everything outside the blocks first (the largest tensors, read while little else is in memory), then the
+    blocks one after another, so that each block is complete, and converted, before the next is read."""
+    block = re.search(r"(?:^|\.)h\.(\d+)\.", key)
+    return (1, int(block.group(1))) if block else (0, 0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the system (glibc keeps it for reuse otherwise; loading frees many
+    block-sized temporaries that would add up to a few hundred MB)."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from .safetensors (one tensor in memory at a time) or .bin (memory-mapped) files."""
+    """(name, tensor) from .safetensors (read tensor by tensor) or .bin (memory-mapped) files."""
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():
-                        yield key, f.get_tensor(key)
+                    keys = sorted(f.keys(), key=_read_order)
+                for key in keys:
+                    # The file is mapped as a whole and a tensor is a view of the mapping: a copy made while the
+                    # file is open alone lets the mapping, and every page of it that was read, go at once.
+                    with safe_open(str(path), framework="pt") as f:
+                        tensor = f.get_tensor(key).clone()
+                    yield key, tensor
             except SafetensorError as e:
                 raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download the checkpoint") from None
         else:
@@ -108,9 +139,20 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
     quantize: str | None = None,
+    inference: bool = False,
     config: CodeGenConfig | None = None,
 ) -> CodeGenPreTrainedModel:
-    """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode."""
+    """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode.
+
+    ``quantize`` (int8/int4) or ``inference=True`` prepare the model for inference only
+    (``codegen_lm.quantize.prepare_for_inference``: fused projections, int8/int4 or oneDNN-packed weights).
+    That happens block by block as the checkpoint is read, and each block's full-precision tensors are let go
+    at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
+    (safetensors maps each tensor on its own; a .bin file is one mapping, resident until loading ends)."""
+    from .quantize import check_quantize, prepare_block
+
+    check_quantize(quantize)
+    prepare = inference or quantize is not None
     config = config or CodeGenConfig.from_pretrained(name_or_path)
     target = parse_device(device, device_map)
     dtype = parse_dtype(dtype if dtype is not None else torch_dtype, config, str(target))
@@ -119,8 +161,18 @@ def load_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     prefix = "" if model_class is CodeGenForCausalLM else "transformer."
     tied = config.tie_word_embeddings
+    body = model if prefix else model.transformer
+    # What is converted as soon as all its tensors are read: each block and the (untied) LM head.
+    units: dict[str, Callable[[], None]] = {}
+    if prepare:
+        for i, block in enumerate(body.h):
+            units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize)
+        if not prefix and not tied:
+            units["lm_head."] = functools.partial(_prepare_head, model, quantize)
+    wanted = {unit: sum(key.startswith(unit) for key in expected) for unit in units}
 
-    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
     for key, tensor in iter_tensors(weight_files(name_or_path)):
         if key.endswith(("attn.causal_mask", "attn.masked_bias")):
             continue
@@ -135,25 +187,36 @@ def load_model(
                 f"weight {key!r} has shape {tuple(tensor.shape)} in {name_or_path}, "
                 f"but the config expects {tuple(expected[key])}; config.json and the weights disagree"
             )
-        state[key] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if tied else set()))
+        seen.add(key)
+        unit = next((u for u in units if key.startswith(u)), "")
+        pending.setdefault(unit, {})[key] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if unit and len(pending[unit]) == wanted[unit]:
+            model.load_state_dict(pending.pop(unit), strict=False, assign=True)
+            with torch.no_grad():
+                units[unit]()
+            release_freed_memory()
+    missing = sorted(set(expected) - seen - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise ValueError(
             f"weight {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing from {name_or_path}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-    body = model if prefix else model.transformer
+    model.load_state_dict(pending.pop("", {}), strict=False, assign=True)
     body.rotary = rotary_table(config).to(target)
     if tied and not prefix:
         model.lm_head.weight = model.transformer.wte.weight
+        if prepare:
+            _prepare_head(model, quantize)
     model.eval()
-    if quantize:
-        from .quantize import quantize_model
-
-        quantize_model(model, quantize)
+    model.quantization = quantize
     return model
+
+
+def _prepare_head(model: CodeGenForCausalLM, quantize: str | None) -> None:
+    from .quantize import prepare_linear
+
+    with torch.no_grad():
+        model.lm_head = prepare_linear(model.lm_head, quantize, head=True)
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:

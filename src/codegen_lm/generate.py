@@ -449,15 +449,13 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_batch: int = 16, **load_kwargs: Any) -> "Generator":
-        """Load model and tokenizer for generation. On CPU, full-precision weights are repacked for oneDNN
-        (``codegen_lm.quantize.pack_model``, about 2× faster matmuls); the generator owns this model."""
+        """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
+        int8/int4 with ``quantize=``, else fp32 weights packed for oneDNN on CPU: see ``codegen_lm.quantize``);
+        the generator owns this model."""
         from .checkpoint import load_model
-        from .quantize import pack_model, packing_pays
         from .tokenizer import AutoTokenizer
 
-        model = load_model(name_or_path, **load_kwargs)
-        if packing_pays(model):
-            pack_model(model)
+        model = load_model(name_or_path, inference=True, **load_kwargs)
         return cls(model, AutoTokenizer.from_pretrained(name_or_path), max_batch)
 
     def scheduler(self) -> Scheduler:

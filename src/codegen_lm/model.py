@@ -182,6 +182,21 @@ def _qkv_to_plain_on_load(state_dict: dict[str, Any], prefix: str, *args: Any) -
         state_dict.pop(prefix + buffer, None)
 
 
+def refuse_to_save(*args: object) -> None:
+    """State-dict hook of modules converted for inference only (fused, packed, quantized)."""
+    raise ValueError("a model prepared for inference (fused, packed or quantized) cannot be saved; "
+                     "save the model as loaded")
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` around existing tensors (no initialisation, no copy)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 class CodeGenAttention(nn.Module):
     def __init__(self, config: CodeGenConfig):
         super().__init__()
@@ -196,15 +211,17 @@ class CodeGenAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         sin: torch.Tensor,
         cos: torch.Tensor,
         mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
+        """Attention over the projected ``qkv`` ``[b, t, 3 * n_embd]``; returns the heads' output before
+        ``out_proj`` (the block applies the projections, fused or not), the new past and the weights."""
+        b, t, _ = qkv.shape
+        q, k, v = qkv.view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, t, d]
         if past is not None:
@@ -220,25 +237,26 @@ class CodeGenAttention(nn.Module):
         else:
             dropout = self.attn_pdrop if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
-        y = y.transpose(1, 2).reshape(b, t, -1)
-        return self.resid_dropout(self.out_proj(y)), present, weights
+        return y.transpose(1, 2).reshape(b, t, -1), present, weights
 
     def forward_cached(
-        self, x: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int,
+        self, qkv: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int,
         slots: torch.Tensor, rows: slice, kv_len: int,
     ) -> torch.Tensor:
         """Inference attention through the preallocated cache (see ``CodeGenModel.forward_cached``)."""
-        b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, 3, self.n_head, self.head_dim)
+        b, t, _ = qkv.shape
+        qkv = qkv.view(b, t, 3, self.n_head, self.head_dim)
         rotate_(qkv[:, :, :2], rotary)  # q and k together, in place
         q, k, v = qkv.unbind(2)
         cache.write(layer, slots, k, v)
         keys, values = cache.read(layer, rows, kv_len)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return y.transpose(1, 2).reshape(b, t, -1)
 
 
 class CodeGenMLP(nn.Module):
+    """fc_in, activation, fc_out; the block applies them (see ``CodeGenBlock.project_in``/``project_out``)."""
+
     def __init__(self, config: CodeGenConfig):
         super().__init__()
         self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
@@ -246,23 +264,57 @@ class CodeGenMLP(nn.Module):
         self.act = ACT_FNS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
-
 
 class CodeGenBlock(nn.Module):
-    """Parallel block (GPT-J): attention and MLP both read ln_1(x) and add to the residual."""
+    """Parallel block (GPT-J): attention and MLP both read ln_1(x) and add to the residual.
+
+    Because both branches read the same input and add to the same output, inference can run each block as two
+    matmuls instead of four: ``fuse_projections`` stacks [qkv_proj; fc_in] into ``in_proj`` and
+    [out_proj | fc_out] into ``out_proj`` (the same products, summed in another order)."""
 
     def __init__(self, config: CodeGenConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CodeGenAttention(config)
         self.mlp = CodeGenMLP(config)
+        self.split = [3 * config.n_embd, config.inner_dim]
+        self.in_proj: nn.Module | None = None  # set by fuse_projections
+        self.out_proj: nn.Module | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace the four projections by ``in_proj`` and ``out_proj`` (inference only: the official weight
+        names are gone, so the block can no longer be trained or saved)."""
+        attn, mlp = self.attn, self.mlp
+        with torch.no_grad():
+            self.in_proj = _linear(torch.cat([attn.qkv_proj.weight, mlp.fc_in.weight]),
+                                   torch.cat([mlp.fc_in.bias.new_zeros(self.split[0]), mlp.fc_in.bias]))
+            self.out_proj = _linear(torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1), mlp.fc_out.bias)
+        del attn.qkv_proj, attn.out_proj, mlp.fc_in, mlp.fc_out
+        self._register_state_dict_hook(refuse_to_save)
+
+    def project_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qkv ``[..., 3 * n_embd]`` and the MLP's hidden layer (before the activation) from ln_1(x)."""
+        if self.in_proj is not None:
+            return self.in_proj(h).split(self.split, dim=-1)
+        return self.attn.qkv_proj(h), self.mlp.fc_in(h)
+
+    def project_out(self, heads: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What the block adds to the residual: out_proj(heads) + fc_out(act(hidden))."""
+        if self.out_proj is not None:
+            return self.out_proj(torch.cat([heads, self.mlp.act(hidden)], dim=-1))
+        attn_out = self.attn.resid_dropout(self.attn.out_proj(heads))
+        return attn_out + self.mlp.dropout(self.mlp.fc_out(self.mlp.act(hidden)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None, **attn_kwargs: Any):
-        h = self.ln_1(x)
-        attn_out, present, weights = self.attn(h, sin, cos, mask, **attn_kwargs)
-        return x + attn_out + self.mlp(h), present, weights
+        qkv, hidden = self.project_in(self.ln_1(x))
+        heads, present, weights = self.attn(qkv, sin, cos, mask, **attn_kwargs)
+        return self.project_out(heads, hidden) + x, present, weights
+
+    def forward_cached(self, x: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
+                       layer: int, slots: torch.Tensor, rows: slice, kv_len: int) -> torch.Tensor:
+        qkv, hidden = self.project_in(self.ln_1(x))
+        heads = self.attn.forward_cached(qkv, rotary, mask, cache, layer, slots, rows, kv_len)
+        return self.project_out(heads, hidden) + x
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -272,6 +324,7 @@ class CodeGenPreTrainedModel(nn.Module):
     """Config handling, weight init, qkv layout hooks and the checkpoint methods shared by both models."""
 
     base_model_prefix = "transformer"
+    quantization: str | None = None  # "int8" / "int4" once quantized (codegen_lm.quantize)
 
     def __init__(self, config: CodeGenConfig):
         super().__init__()
@@ -428,8 +481,7 @@ class CodeGenModel(CodeGenPreTrainedModel):
             mask.masked_fill_(keys > positions[:, None, :, None], float("-inf"))  # additive: no per-layer conversion
         slots = cache.slots(rows, positions)
         for i, block in enumerate(self.h):
-            h = block.ln_1(x)
-            x = x + block.attn.forward_cached(h, rotary, mask, cache, i, slots, rows, kv_len) + block.mlp(h)
+            x = block.forward_cached(x, rotary, mask, cache, i, slots, rows, kv_len)
         return self.ln_f(x)
 
 

@@ -1,15 +1,23 @@
-"""Inference-only linear layers: ``quantize_model(model, "int8" | "int4")`` and, for full precision on CPU,
-``pack_model(model)``.
+"""Inference-only weights: ``prepare_for_inference(model, quantize=None | "int8" | "int4")``.
 
-Batch-1 decoding reads every weight once per token, so fewer bytes per weight is more tokens per second.
-The kernels are the ones measured fastest on x86 CPUs (docs/benchmarks.md, "Generation engine"):
+Each block's four projections are first fused into two matmuls (``CodeGenBlock.fuse_projections``); then every
+linear layer takes the fastest form measured for its precision on this device (docs/benchmarks.md,
+"Generation engine"). Batch-1 decoding reads every weight once per token, so fewer bytes per weight and fewer,
+larger matmuls are more tokens per second.
 
-* **int8**: weights per output channel (symmetric, [-127, 127]); fbgemm's int8 GEMM
-  (``torch.ops.quantized.linear_dynamic``, VNNI where the CPU has it) with the activations quantized on the
-  fly. fbgemm quantizes a whole activation matrix with one scale; to keep each row independent of the others
-  (a request's output must not depend on what else is in the batch) every row is scaled to max |x| = 1 first
-  and two anchor columns (+1, -1, with zero weights) pin the matrix range to [-1, 1] whatever the batch holds.
-  That makes it per-row activation quantization, bit-for-bit the same alone or batched.
+* **fp32 on CPU**: the weights reordered once into oneDNN's blocked layout and multiplied with
+  ``torch.ops.mkldnn._linear_pointwise``. Measured on the 350M shape (2 threads, AMD EPYC with AVX-512),
+  PyTorch's default ``F.linear`` (MKL) reached 15 GB/s at batch 1 and 8 GB/s at batch 8; the packed oneDNN
+  kernel 28-31 and 24 GB/s, and it is faster for prefill-sized batches too. Results differ from ``F.linear``
+  only by summation order (about 1e-6).
+* **int8**: weights per output channel (symmetric, [-127, 127]), activations quantized on the fly per row. Few
+  rows (decoding) go through fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``), many rows (prefill)
+  through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows) on
+  CPUs with VNNI. fbgemm quantizes a whole activation matrix with one scale; to keep each row independent of
+  the others (a request's output must not depend on what else is in the batch) every row is scaled to
+  max |x| = 1 first and two anchor columns (+1, -1, with zero weights) pin the matrix range to [-1, 1]
+  whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
+  products and differ only in the rounding of the final float scaling (1 ulp).
   PyTorch's weight-only ``_weight_int8pack_mm`` and torchao's int8 weight-only layers were 5-10× slower than
   fp32 here, so they are not used.
 * **int4**: weights group-wise (asymmetric, groups of 128 along the input) with PyTorch's packed int4 CPU kernel
@@ -17,14 +25,7 @@ The kernels are the ones measured fastest on x86 CPUs (docs/benchmarks.md, "Gene
   is cast back to fp32. The LM head stays int8: its errors land on the logits directly.
 
 On other devices (CUDA) the same quantized weights run through a plain dequantize-then-matmul path, which
-is exact and portable but not a fast kernel.
-
-* **fp32 on CPU** (``pack_model``): the same weights reordered once into oneDNN's blocked layout and multiplied
-  with ``torch.ops.mkldnn._linear_pointwise``. Measured on the 350M shape (2 threads, AMD EPYC with AVX-512),
-  PyTorch's default ``F.linear`` (MKL) reached 15 GB/s at batch 1 and 8 GB/s at batch 8; the packed oneDNN
-  kernel 28-31 and 24 GB/s, and it is faster for prefill-sized batches too. Results differ from ``F.linear``
-  only by summation order (about 1e-6). The model can no longer be trained or saved, so the generator does
-  this only to models it loads itself.
+is exact and portable but not a fast kernel; full-precision layers stay ``nn.Linear`` there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .model import refuse_to_save
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
@@ -63,6 +66,18 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+@functools.cache
+def _onednn_int8_available() -> bool:
+    # Without VNNI, oneDNN's u8×s8 products also go through int16 pairs that can saturate: fbgemm only there.
+    if not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.onednn.qlinear_pointwise, torch.ops.onednn.qlinear_prepack
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]``, q in [-127, 127]."""
     w = weight.detach().float()
@@ -84,7 +99,12 @@ def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torc
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernel)."""
+    """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernels)."""
+
+    # From this many rows on, oneDNN's int8 GEMM beats fbgemm's (measured: 8 rows 0.8×, 16 rows 1.2×, 2048 1.75×).
+    ONEDNN_MIN_ROWS = 16
+    # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range.
+    X_SCALE, X_ZERO_POINT = 2 / 255, 128
 
     def __init__(self, linear: nn.Linear, backend: str | None = None):
         super().__init__()
@@ -94,6 +114,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_per_channel_int8(linear.weight)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
+        self._onednn = None
         if self.backend == "fbgemm":
             zero_columns = q.new_zeros(self.out_features, 2)  # weights of the two anchor inputs
             with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the fbgemm ops are not
@@ -104,12 +125,14 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.register_buffer("anchors", torch.tensor([[1.0, -1.0]], device=device), persistent=False)
             self.reduce_range = _reduce_range()
+            if _onednn_int8_available():
+                self._onednn = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), torch.zeros_like(scale, dtype=torch.long))
         elif self.backend == "dequant":
             self.register_buffer("weight_int8", q, persistent=False)
             self.register_buffer("scale", scale, persistent=False)
         else:
             raise ValueError(f"unknown int8 backend {self.backend!r}; use fbgemm or dequant")
-        self._register_state_dict_hook(_refuse_to_save)
+        self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "dequant":
@@ -117,14 +140,24 @@ class Int8Linear(nn.Module):
             return y + self.bias.to(x.dtype) if self.bias is not None else y
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()
-        norm = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
-        x = torch.cat([x / norm, self.anchors.expand(x.shape[0], 2)], dim=1)
-        y = torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
+        rows = x.shape[0]
+        norm = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)
+        if self._onednn is not None and rows >= self.ONEDNN_MIN_ROWS:
+            x_q = torch.quantize_per_tensor(x / norm, self.X_SCALE, self.X_ZERO_POINT, torch.quint8).int_repr()
+            weight, w_scale, w_zero = self._onednn
+            y = torch.ops.onednn.qlinear_pointwise(x_q, self.X_SCALE, self.X_ZERO_POINT, weight, w_scale, w_zero, None,
+                                                   1.0, 0, torch.float32, "none", [], "")
+        else:
+            scaled = x.new_empty(rows, self.in_features + 2)
+            torch.div(x, norm, out=scaled[:, : self.in_features])
+            scaled[:, self.in_features :] = self.anchors
+            y = torch.ops.quantized.linear_dynamic(scaled, self._packed, self.reduce_range)
         y = torch.addcmul(self.bias, y, norm) if self.bias is not None else y.mul_(norm)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+        kernels = self.backend + ("+onednn" if self._onednn is not None else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={kernels}"
 
 
 class Int4Linear(nn.Module):
@@ -149,7 +182,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("zero", zero, persistent=False)
         else:
             raise ValueError(f"unknown int4 backend {self.backend!r}; use int4pack or dequant")
-        self._register_state_dict_hook(_refuse_to_save)
+        self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -177,7 +210,7 @@ class PackedLinear(nn.Module):
         # An opaque oneDNN tensor: kept as a plain attribute, not a buffer (it cannot be saved or moved).
         self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None, persistent=False)
-        self._register_state_dict_hook(_refuse_to_save)
+        self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight_packed, self.bias, "none", [], "")
@@ -187,44 +220,6 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn"
 
 
-def packing_pays(model: nn.Module) -> bool:
-    """Whether ``pack_model`` applies: full-precision linear layers on a CPU with oneDNN."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return (
-        bool(linears) and torch.backends.mkldnn.is_available()
-        and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
-    )
-
-
-def pack_model(model: nn.Module) -> nn.Module:
-    """Replace every fp32 ``nn.Linear`` of a CPU model by a ``PackedLinear`` in place (inference only: the model
-    cannot be trained or saved afterwards). Returns the model."""
-    if not packing_pays(model):
-        raise ValueError("pack_model needs a float32 model on a CPU with oneDNN (torch.backends.mkldnn)")
-    with torch.no_grad():
-        for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(linear))
-    _own_memory(model)
-    model.packed = True
-    return model
-
-
-def _own_memory(model: nn.Module) -> None:
-    # The loader leaves weights as views of the memory-mapped checkpoint, and one remaining view (an embedding,
-    # a layer norm) keeps the whole mapping, and every page of it the replaced layers read, resident. Copying
-    # what is left lets the mapping go.
-    with torch.no_grad():
-        for module in model.modules():
-            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if tensor is not None and tensor.device.type == "cpu" and not tensor.is_mkldnn:
-                    tensor.data = tensor.data.clone()
-
-
-def _refuse_to_save(*args: object) -> None:
-    raise ValueError("a quantized or packed model cannot be saved; save the model as loaded, before quantizing")
-
-
 def int4_group_size(linear: nn.Linear) -> int | None:
     """The largest supported group size that fits the layer (the CPU kernel also wants N divisible by 16)."""
     if linear.weight.device.type == "cpu" and linear.out_features % 16:
@@ -232,21 +227,58 @@ def int4_group_size(linear: nn.Linear) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), None)
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Replace the linear layers of a CodeGen model in place: ``"int8"`` everywhere, or ``"int4"`` in the
-    blocks with the LM head in int8 (layers whose shape the int4 kernel cannot take stay int8 too).
-    Embeddings and layer norms stay in full precision. Returns the model."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-    if any(isinstance(m, (Int8Linear, Int4Linear, PackedLinear)) for m in model.modules()):
-        raise ValueError("the model is already quantized or packed; quantize the model as loaded")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False) -> nn.Module:
+    """The inference form of one linear layer: int4 (int8 for the LM ``head`` and shapes the int4 kernel cannot
+    take), int8, oneDNN-packed fp32 on CPU, or the layer itself."""
+    if quantize == "int4" and not head and (group_size := int4_group_size(linear)):
+        return Int4Linear(linear, group_size)
+    if quantize:
+        return Int8Linear(linear)
+    weight = linear.weight
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return PackedLinear(linear)
+    return linear
+
+
+def prepare_block(block: nn.Module, quantize: str | None) -> None:
+    """Fuse a ``CodeGenBlock``'s projections and convert them (in place)."""
+    block.fuse_projections()
+    block.in_proj = prepare_linear(block.in_proj, quantize)
+    block.out_proj = prepare_linear(block.out_proj, quantize)
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(MODES)}")
+
+
+def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
+    """Convert a ``CodeGenForCausalLM`` or ``CodeGenModel`` in place for inference only: fused projections,
+    then int8/int4 weights when ``quantize`` says so, else fp32 weights packed for oneDNN on CPU. Embeddings
+    and layer norms keep their precision. The model can no longer be trained or saved. Returns the model.
+    (``load_model(..., inference=True)`` does this block by block while reading the checkpoint.)"""
+    check_quantize(quantize)
+    body = getattr(model, "transformer", model)
+    if any(block.in_proj is not None for block in body.h):
+        raise ValueError("the model is already prepared for inference (fused, packed or quantized); "
+                         "start from the model as loaded")
     with torch.no_grad():
-        for name, linear in targets:
-            group_size = int4_group_size(linear) if mode == "int4" and not name.endswith("lm_head") else None
-            quantized = Int4Linear(linear, group_size) if group_size else Int8Linear(linear)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
-    _own_memory(model)
-    model.quantization = mode
+        for block in body.h:
+            prepare_block(block, quantize)
+        if isinstance(getattr(model, "lm_head", None), nn.Linear):
+            model.lm_head = prepare_linear(model.lm_head, quantize, head=True)
+    own_memory(model)
+    model.quantization = quantize
     return model
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy tensors that still view a memory-mapped checkpoint, so the mapping can go.
+
+    The loader leaves weights as views of the mapped file, and one remaining view (an embedding, a layer norm)
+    keeps the whole mapping, and every page of it that was read, resident."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor is not None and tensor.device.type == "cpu" and not tensor.is_mkldnn:
+                    tensor.data = tensor.data.clone()
