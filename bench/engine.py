@@ -13,7 +13,8 @@ so every run generates the same number of tokens; times are end to end, prefill 
            (ours: one shared prefill; CTranslate2: num_hypotheses=8; transformers: num_return_sequences=8)
   prefill  8 different 256-token prompts, one new token each: seconds
   ttft     one 256-token prompt: seconds to the first token
-  rss      the subprocess's peak resident memory (model load included): GB
+  rss      the subprocess's peak resident memory (model load included): GB, after the batch-1 decode
+           scenario (rss_decode) and after all of them
 
 The checkpoint (random weights, official layout) and its CTranslate2 conversions (made with CTranslate2's own
 TransformersConverter) are cached in --workdir.
@@ -77,6 +78,7 @@ def timed(fn) -> float:
 
 
 def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+    import codegen_lm  # first, as the CLI does: it asks torch for 2 MB pages before torch allocates anything
     import torch
 
     from codegen_lm.checkpoint import load_model
@@ -161,7 +163,11 @@ def peak_rss() -> float:
 def worker(args: argparse.Namespace) -> None:
     runner = {"ours": run_ours, "transformers": run_transformers, "ctranslate2": run_ctranslate2}[args.system]
     scenarios = runner(args, prompts())
-    result = {name: scenarios[name]() for name in args.scenarios.split(",")}
+    result = {}
+    for name in args.scenarios.split(","):
+        result[name] = scenarios[name]()
+        if name == "decode":  # before the batched scenarios grow the KV cache
+            result["rss_decode"] = peak_rss()
     result["rss"] = peak_rss()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -226,6 +232,8 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = prepare(workdir, sorted({p for s, p in runs if s == "ctranslate2"}))
     print(f"CPU: {cpu_summary()}")
+    weights = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors")) / 1e9
+    print(f"checkpoint weights (fp32): {weights:.2f} GB")
     print(f"threads {args.threads}, {args.rounds} rounds, {args.new_tokens} new tokens; load average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -243,11 +251,12 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
             print(f"round {round_ + 1} {system:12s} {precision}: {line[7:]}", flush=True)
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     medians = {run: {k: statistics.median(s[k] for s in results) for k in results[0]} for run, results in samples.items()}
-    return {run: {**m, "rss": max(s["rss"] for s in samples[run])} for run, m in medians.items()}
+    peaks = {k for k in next(iter(samples.values()))[0] if k.startswith("rss")}
+    return {run: {**m, **{k: max(s[k] for s in samples[run]) for k in peaks}} for run, m in medians.items()}
 
 
 COLUMNS = {"decode": ("decode tok/s", "{:.1f}"), "n8": ("n=8 gen tok/s", "{:.1f}"), "prefill": ("prefill 8×256 s", "{:.2f}"),
-           "ttft": ("TTFT 256 s", "{:.3f}"), "rss": ("peak RSS GB", "{:.2f}")}
+           "ttft": ("TTFT 256 s", "{:.3f}"), "rss_decode": ("peak RSS batch 1 GB", "{:.2f}"), "rss": ("peak RSS all GB", "{:.2f}")}
 
 
 def print_table(medians: dict[tuple[str, str], dict[str, float]], precisions: list[str]) -> None:

@@ -7,7 +7,6 @@ inference is converted block by block as it is read (``load_model(..., inference
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -19,6 +18,7 @@ import torch
 
 from .config import CodeGenConfig
 from .hub import CheckpointNotFoundError, atomic_path, atomic_write_text, is_local, list_files, resolve_file
+from .memory import release_freed_memory, reuse_large_buffers
 from .model import CodeGenForCausalLM, CodeGenPreTrainedModel, rotary_table
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -89,21 +89,6 @@ def _read_order(key: str) -> tuple[int, int]:
     blocks one after another, so that each block is complete, and converted, before the next is read."""
     block = re.search(r"(?:^|\.)h\.(\d+)\.", key)
     return (1, int(block.group(1))) if block else (0, 0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give memory that was freed back to the system (glibc keeps it for reuse otherwise; loading frees many
-    block-sized temporaries that would add up to a few hundred MB)."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -209,6 +194,9 @@ def load_model(
             _prepare_head(model, quantize)
     model.eval()
     model.quantization = quantize
+    if prepare:
+        release_freed_memory()
+        reuse_large_buffers()  # the process runs inference from here on (see codegen_lm.memory)
     return model
 
 
