@@ -176,6 +176,7 @@ def load_model(
         unit = next((u for u in units if key.startswith(u)), "")
         pending.setdefault(unit, {})[key] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if unit and len(pending[unit]) == wanted[unit]:
+            del tensor  # the block's modules hold the only references, so converting frees each tensor
             model.load_state_dict(pending.pop(unit), strict=False, assign=True)
             with torch.no_grad():
                 units[unit]()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -281,15 +281,17 @@ class CodeGenBlock(nn.Module):
         self.in_proj: nn.Module | None = None  # set by fuse_projections
         self.out_proj: nn.Module | None = None
 
-    def fuse_projections(self) -> None:
-        """Replace the four projections by ``in_proj`` and ``out_proj`` (inference only: the official weight
-        names are gone, so the block can no longer be trained or saved)."""
+    def fuse_projections(self, convert: Callable[[nn.Linear], nn.Module] = lambda linear: linear) -> None:
+        """Replace the four projections by ``in_proj`` and ``out_proj``, each passed through ``convert`` (packing,
+        quantizing) before the next is built, so that little is held twice. Inference only: the official weight
+        names are gone, so the block can no longer be trained or saved."""
         attn, mlp = self.attn, self.mlp
         with torch.no_grad():
-            self.in_proj = _linear(torch.cat([attn.qkv_proj.weight, mlp.fc_in.weight]),
-                                   torch.cat([mlp.fc_in.bias.new_zeros(self.split[0]), mlp.fc_in.bias]))
-            self.out_proj = _linear(torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1), mlp.fc_out.bias)
-        del attn.qkv_proj, attn.out_proj, mlp.fc_in, mlp.fc_out
+            self.in_proj = convert(_linear(torch.cat([attn.qkv_proj.weight, mlp.fc_in.weight]),
+                                           torch.cat([mlp.fc_in.bias.new_zeros(self.split[0]), mlp.fc_in.bias])))
+            del attn.qkv_proj, mlp.fc_in
+            self.out_proj = convert(_linear(torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1), mlp.fc_out.bias))
+            del attn.out_proj, mlp.fc_out
         self._register_state_dict_hook(refuse_to_save)
 
     def project_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,9 +244,7 @@ def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False) 
 
 def prepare_block(block: nn.Module, quantize: str | None) -> None:
     """Fuse a ``CodeGenBlock``'s projections and convert them (in place)."""
-    block.fuse_projections()
-    block.in_proj = prepare_linear(block.in_proj, quantize)
-    block.out_proj = prepare_linear(block.out_proj, quantize)
+    block.fuse_projections(lambda linear: prepare_linear(linear, quantize))
 
 
 def check_quantize(quantize: str | None) -> None:
