@@ -1,8 +1,8 @@
 """Load and save checkpoints in the official layout: config.json plus .safetensors or .bin, single or sharded.
 
-Loading builds the model on the meta device and assigns each tensor as it is read (safetensors tensor by
-tensor, .bin through a memory map), so the weights are never held twice in memory; a model loaded for
-inference is converted block by block as it is read (``load_model(..., inference=True)``).
+Loading builds the model on the meta device and assigns each tensor of the memory-mapped file as it is read,
+so the weights are never held twice in memory; a model loaded for inference is converted block by block as
+it is read, from copies of the tensors (``load_model(..., inference=True)``).
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def _read_order(key: str) -> tuple[int, int]:
     return (1, int(block.group(1))) if block else (0, 0)
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from .safetensors (read tensor by tensor) or .bin (memory-mapped) files."""
+def iter_tensors(files: list[Path], owned: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from .safetensors or .bin files, in ``_read_order``. The tensors view the memory-mapped file
+    (its pages are read as they are used), or with ``owned`` are copies: then no mapping outlives the load."""
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
@@ -100,6 +101,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     keys = sorted(f.keys(), key=_read_order)
+                    if not owned:
+                        for key in keys:
+                            yield key, f.get_tensor(key)
+                        continue
                 for key in keys:
                     # The file is mapped as a whole and a tensor is a view of the mapping: a copy made while the
                     # file is open alone lets the mapping, and every page of it that was read, go at once.
@@ -113,7 +118,9 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # pickle errors come in many types
                 raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-            yield from state.items()
+            for key in sorted(state, key=_read_order):
+                tensor = state.pop(key)  # one mapping for the file: it goes when its last view does
+                yield key, tensor.clone() if owned else tensor
 
 
 def load_model(
@@ -133,7 +140,8 @@ def load_model(
     (``codegen_lm.quantize.prepare_for_inference``: fused projections, int8/int4 or oneDNN-packed weights).
     That happens block by block as the checkpoint is read, and each block's full-precision tensors are let go
     at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
-    (safetensors maps each tensor on its own; a .bin file is one mapping, resident until loading ends)."""
+    (each safetensors tensor is copied with its file open alone; a .bin file is one mapping, resident until
+    loading ends). No tensor of such a model views the file afterwards."""
     from .quantize import check_quantize, prepare_block
 
     check_quantize(quantize)
@@ -158,7 +166,7 @@ def load_model(
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
-    for key, tensor in iter_tensors(weight_files(name_or_path)):
+    for key, tensor in iter_tensors(weight_files(name_or_path), owned=prepare):
         if key.endswith(("attn.causal_mask", "attn.masked_bias")):
             continue
         if prefix:  # a CodeGenModel reads the body of a CausalLM checkpoint

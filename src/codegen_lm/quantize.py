@@ -274,8 +274,8 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
 def own_memory(model: nn.Module) -> None:
     """Copy tensors that still view a memory-mapped checkpoint, so the mapping can go.
 
-    The loader leaves weights as views of the mapped file, and one remaining view (an embedding, a layer norm)
-    keeps the whole mapping, and every page of it that was read, resident."""
+    ``load_model`` (without ``inference=True``) leaves weights as views of the mapped file, and one remaining
+    view (an embedding, a layer norm) keeps the whole mapping, and every page of it that was read, resident."""
     with torch.no_grad():
         for module in model.modules():
             for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
