@@ -41,8 +41,7 @@ from torch import nn
 from .model import refuse_to_save
 
 MODES = ("int8", "int4")
-# PyTorch deprecates creating quantized tensors (one warning for every constructor, this message); the int8
-# kernels below still take them (checked: torch 2.13).
+# PyTorch deprecates creating quantized tensors; the int8 kernels below still take them (checked: torch 2.13).
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, .* are deprecated", category=UserWarning)
 INT4_GROUP_SIZES = (128, 64, 32)
 
@@ -120,10 +119,12 @@ class Int8Linear(nn.Module):
         self._onednn = None
         if self.backend == "fbgemm":
             zero_columns = q.new_zeros(self.out_features, 2)  # weights of the two anchor inputs
-            qweight = torch._make_per_channel_quantized_tensor(
-                torch.cat([q, zero_columns], dim=1), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-            )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the fbgemm ops are not
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(
+                    torch.cat([q, zero_columns], dim=1), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.register_buffer("anchors", torch.tensor([[1.0, -1.0]], device=device), persistent=False)
             self.reduce_range = _reduce_range()
             if _onednn_int8_available():
