@@ -41,8 +41,6 @@ from torch import nn
 from .model import refuse_to_save
 
 MODES = ("int8", "int4")
-# PyTorch deprecates creating quantized tensors; the int8 kernels below still take them (checked: torch 2.13).
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, .* are deprecated", category=UserWarning)
 INT4_GROUP_SIZES = (128, 64, 32)
 
 
@@ -119,7 +117,9 @@ class Int8Linear(nn.Module):
         self._onednn = None
         if self.backend == "fbgemm":
             zero_columns = q.new_zeros(self.out_features, 2)  # weights of the two anchor inputs
-            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the fbgemm ops are not
+            # PyTorch deprecates creating quantized tensors (the fbgemm and oneDNN ops still take them, checked with
+            # torch 2.13) and warns once per process, at the first one: here, before any forward quantizes.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 qweight = torch._make_per_channel_quantized_tensor(
                     torch.cat([q, zero_columns], dim=1), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
