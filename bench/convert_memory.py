@@ -31,6 +31,7 @@ import torch
 
 from codegen_lm.config import CodeGenConfig
 from codegen_lm.convert import DTYPES, codegen_shapes, gptj_config, split_qkv
+from machine import cpu_flags
 
 
 def status_bytes(field: str) -> int:
@@ -89,14 +90,6 @@ def run_child(which: str, src: Path, dst: Path) -> dict:
     written = sum(p.stat().st_size for p in dst.iterdir() if p.suffix == ".safetensors")
     shutil.rmtree(dst)
     return result | {"written": written}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor()
-    return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def main() -> None:

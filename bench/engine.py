@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,27 +33,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from machine import cpu_summary
+
 SYSTEMS = {  # (system, precision) pairs that exist; transformers has no int8/int4 CPU path of its own
     "fp32": ["ours", "transformers", "ctranslate2"],
     "int8": ["ours", "ctranslate2"],
     "int4": ["ours"],
 }
 SCENARIOS = ("decode", "n8", "prefill", "ttft")
-
-
-def cpu_summary() -> str:
-    flags = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni"]
-    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ','.join(wanted)}"
 
 
 def prompts(vocab: int = 50000) -> dict[str, list]:

@@ -19,16 +19,8 @@ import time
 from pathlib import Path
 
 from codegen_lm.evaluate import humaneval
+from machine import cpu_flags
 from codegen_lm.sandbox import Limits, Sandbox, bwrap_problem
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.machine()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
 
 
 def run_ours(samples_file: Path, problems: dict, workers: int, out: Path) -> tuple[float, int]:

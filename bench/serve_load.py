@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random weights; vocab 51200 like the released checkpoints, the real tokenizer
     "small": dict(n_embd=256, n_layer=4, n_head=8, rotary_dim=16),
@@ -206,15 +208,6 @@ def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namesp
                                                                model)))
                     progress.advance(task)
         return [median_of(runs[clients]) for clients in levels], server.peak_rss
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags.split())
 
 
 def plot(results: dict, path: Path) -> None:

@@ -25,13 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-    return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma")))
+from machine import cpu_flags
 
 
 def model_config(args: argparse.Namespace) -> dict:
