@@ -20,6 +20,7 @@ from .config import CodeGenConfig
 from .hub import CheckpointNotFoundError, atomic_path, atomic_write_text, is_local, list_files, resolve_file
 from .memory import release_freed_memory, reuse_large_buffers
 from .model import CodeGenForCausalLM, CodeGenPreTrainedModel, rotary_table
+from .quantize import check_quantize, prepare_block, prepare_linear
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPES = {
@@ -142,8 +143,6 @@ def load_model(
     at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
     (each safetensors tensor is copied with its file open alone; a .bin file is one mapping, resident until
     loading ends). No tensor of such a model views the file afterwards."""
-    from .quantize import check_quantize, prepare_block
-
     check_quantize(quantize)
     prepare = inference or quantize is not None
     config = config or CodeGenConfig.from_pretrained(name_or_path)
@@ -210,8 +209,6 @@ def load_model(
 
 
 def _prepare_head(model: CodeGenForCausalLM, quantize: str | None) -> None:
-    from .quantize import prepare_linear
-
     with torch.no_grad():
         model.lm_head = prepare_linear(model.lm_head, quantize, head=True)
 
