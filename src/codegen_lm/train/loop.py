@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,15 @@ class Dist:
         return value
 
 
-def setup_distributed(device: str | None) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR ...), if any."""
+@contextlib.contextmanager
+def distributed(device: str | None) -> Iterator[Dist]:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR ...), if any,
+    and leave it on the way out.
+
+    Leaving matters: a process group still alive when the interpreter shuts down (FSDP's device mesh and
+    the model's hook cycles keep one referenced) is torn down by C++ static destructors, and gloo's
+    threads then abort the process now and then. A group the caller created stays theirs to destroy.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -161,9 +169,15 @@ def setup_distributed(device: str | None) -> Dist:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but CUDA is not available here; use --device cpu")
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owned = world > 1 and not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world, local_rank, dev)
+    try:
+        yield Dist(rank, world, local_rank, dev)
+    finally:
+        if owned:
+            gc.collect()  # the finished run's modules, hooks and optimizer, before the group they reference
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -492,7 +506,11 @@ def _progress_bar(enabled: bool) -> Any:
 def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training as ``cfg`` says; returns the last metrics. ``on_step(step, metrics)`` is
     called after every optimizer step on every rank (for notebooks and custom logging)."""
-    env = setup_distributed(cfg.device)
+    with distributed(cfg.device) as env:
+        return _train(cfg, env, on_step)
+
+
+def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
     console = _console(env)
     out = Path(cfg.out)
     autocast = _autocast(cfg.precision, env.device)
