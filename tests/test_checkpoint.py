@@ -108,3 +108,15 @@ def test_cuda_requested_without_cuda_is_clear(tmp_path):
     build_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="CUDA is not available"):
         load_model(tmp_path, device="cuda")
+
+
+def test_large_tensors_are_copied_in_slices(tmp_path, monkeypatch):
+    """Each slice is read under its own mapping of the file; the pieces must join into the exact tensor."""
+    from codegen_lm import checkpoint
+
+    tensors = {"rows": torch.randn(1001, 37), "flat": torch.randn(5003), "small": torch.randn(3), "int": torch.arange(7)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    monkeypatch.setattr(checkpoint, "_COPY_SLICE_BYTES", 4096)  # 27 rows of 37 floats, 1024 of the flat ones
+    for key, tensor in tensors.items():
+        copy = checkpoint._copy_tensor(tmp_path / "t.safetensors", key)
+        assert copy.dtype == tensor.dtype and torch.equal(copy, tensor)

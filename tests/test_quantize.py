@@ -235,18 +235,19 @@ print(status("VmHWM") - peak, status("VmRSS") - resident)
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_loading_for_inference_peaks_near_the_final_size(tmp_path, mode, safe):
     """Converting block by block while reading: a safetensors load adds little beyond the fp32 weights at its
-    peak (measured 1.24× for fp32, 1.07× for int8; converting after a plain load held the fp32 model and its
+    peak (measured 1.20× for fp32, 0.93× for int8; converting after a plain load held the fp32 model and its
     converted copy at once: 2.2×). A .bin file is one mapping, read whole by the end of the load; afterwards no
     tensor may still view it, or every page of it would stay resident beside the converted weights."""
-    build_model(n_embd=512, n_head=8, n_layer=8, vocab_size=1000).save_pretrained(tmp_path / "m", safe_serialization=safe)
+    # Embeddings and head of 16 MB each: read in slices (checkpoint._COPY_SLICE_BYTES).
+    build_model(n_embd=512, n_head=8, n_layer=8, vocab_size=8192).save_pretrained(tmp_path / "m", safe_serialization=safe)
     build_model().save_pretrained(tmp_path / "tiny")
-    weights = sum(f.stat().st_size for f in (tmp_path / "m").glob("*model*"))  # 105 MB
+    weights = sum(f.stat().st_size for f in (tmp_path / "m").glob("*model*"))  # 135 MB
     peak, resident = map(int, subprocess.run(
         [sys.executable, "-c", LOAD_MEMORY, str(tmp_path / "m"), str(tmp_path / "tiny"), mode], capture_output=True,
         text=True, check=True).stdout.split())
     print(f"{mode or 'fp32'}: load peak +{peak / 1e6:.0f} MB, resident +{resident / 1e6:.0f} MB, weights {weights / 1e6:.0f} MB")
     if safe:
-        assert peak < 1.5 * weights
+        assert peak < 1.3 * weights
     assert resident < 1.2 * weights
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -86,10 +87,39 @@ def weight_files(name_or_path: str | os.PathLike) -> list[Path]:
 
 
 def _read_order(key: str) -> tuple[int, int]:
-    """Everything outside the blocks first (the largest tensors, read while little else is in memory), then the
-    blocks one after another, so that each block is complete, and converted, before the next is read."""
+    """The LM head first: preparing it for inference makes a second copy, best made while little else is in
+    memory. Then the blocks one after another, so that each block is complete, and converted, before the next
+    is read. Everything else (embeddings, final norm) is kept as read, so it comes last and adds no copy to
+    the memory peak."""
+    if key.startswith("lm_head."):
+        return (0, 0)
     block = re.search(r"(?:^|\.)h\.(\d+)\.", key)
-    return (1, int(block.group(1))) if block else (0, 0)
+    return (1, int(block.group(1))) if block else (2, 0)
+
+
+_COPY_SLICE_BYTES = 8 << 20
+
+
+def _copy_tensor(path: Path, key: str) -> torch.Tensor:
+    """A copy of one safetensors tensor that no mapping outlives. safetensors maps the file as a whole, and every
+    page read through the mapping stays resident until it closes: a large tensor is therefore copied in slices
+    of at most 8 MB, each read under its own mapping, so that reading adds at most that much to the copy."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        part = f.get_slice(key)
+        shape = part.get_shape()
+        if not shape or math.prod(shape) * 4 <= _COPY_SLICE_BYTES:  # small (at most 4 bytes per element)
+            return f.get_tensor(key).clone()
+        rows = max(1, _COPY_SLICE_BYTES * shape[0] // (math.prod(shape) * 4))
+        first = part[:rows].clone()
+    copy = torch.empty(shape, dtype=first.dtype)
+    copy[:rows] = first
+    del first
+    for start in range(rows, shape[0], rows):
+        with safe_open(str(path), framework="pt") as f:
+            copy[start : start + rows] = f.get_slice(key)[start : start + rows]
+    return copy
 
 
 def iter_tensors(files: list[Path], owned: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -107,11 +137,7 @@ def iter_tensors(files: list[Path], owned: bool = False) -> Iterator[tuple[str, 
                             yield key, f.get_tensor(key)
                         continue
                 for key in keys:
-                    # The file is mapped as a whole and a tensor is a view of the mapping: a copy made while the
-                    # file is open alone lets the mapping, and every page of it that was read, go at once.
-                    with safe_open(str(path), framework="pt") as f:
-                        tensor = f.get_tensor(key).clone()
-                    yield key, tensor
+                    yield key, _copy_tensor(path, key)
             except SafetensorError as e:
                 raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download the checkpoint") from None
         else:

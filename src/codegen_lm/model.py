@@ -286,12 +286,14 @@ class CodeGenBlock(nn.Module):
         quantizing) before the next is built, so that little is held twice. Inference only: the official weight
         names are gone, so the block can no longer be trained or saved."""
         attn, mlp = self.attn, self.mlp
-        with torch.no_grad():
-            self.in_proj = convert(_linear(torch.cat([attn.qkv_proj.weight, mlp.fc_in.weight]),
-                                           torch.cat([mlp.fc_in.bias.new_zeros(self.split[0]), mlp.fc_in.bias])))
+        with torch.no_grad():  # each source goes as soon as it is joined, before the converted copy is made
+            joined = _linear(torch.cat([attn.qkv_proj.weight, mlp.fc_in.weight]),
+                             torch.cat([mlp.fc_in.bias.new_zeros(self.split[0]), mlp.fc_in.bias]))
             del attn.qkv_proj, mlp.fc_in
-            self.out_proj = convert(_linear(torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1), mlp.fc_out.bias))
+            self.in_proj = convert(joined)
+            joined = _linear(torch.cat([attn.out_proj.weight, mlp.fc_out.weight], dim=1), mlp.fc_out.bias)
             del attn.out_proj, mlp.fc_out
+            self.out_proj = convert(joined)
         self._register_state_dict_hook(refuse_to_save)
 
     def project_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
