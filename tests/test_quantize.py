@@ -235,7 +235,7 @@ print(status("VmHWM") - peak, status("VmRSS") - resident)
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_loading_for_inference_peaks_near_the_final_size(tmp_path, mode, safe):
     """Converting block by block while reading: a safetensors load adds little beyond the fp32 weights at its
-    peak (measured 1.20× for fp32, 0.93× for int8; converting after a plain load held the fp32 model and its
+    peak (measured 1.07× for fp32, 0.86× for int8; converting after a plain load held the fp32 model and its
     converted copy at once: 2.2×). A .bin file is one mapping, read whole by the end of the load; afterwards no
     tensor may still view it, or every page of it would stay resident beside the converted weights."""
     # Embeddings and head of 16 MB each: read in slices (checkpoint._COPY_SLICE_BYTES).

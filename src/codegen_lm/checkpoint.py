@@ -107,18 +107,17 @@ def _copy_tensor(path: Path, key: str) -> torch.Tensor:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        part = f.get_slice(key)
-        shape = part.get_shape()
+        shape = f.get_slice(key).get_shape()
         if not shape or math.prod(shape) * 4 <= _COPY_SLICE_BYTES:  # small (at most 4 bytes per element)
             return f.get_tensor(key).clone()
-        rows = max(1, _COPY_SLICE_BYTES * shape[0] // (math.prod(shape) * 4))
-        first = part[:rows].clone()
-    copy = torch.empty(shape, dtype=first.dtype)
-    copy[:rows] = first
-    del first
-    for start in range(rows, shape[0], rows):
+    rows = max(1, _COPY_SLICE_BYTES * shape[0] // (math.prod(shape) * 4))
+    copy = None
+    for start in range(0, shape[0], rows):
         with safe_open(str(path), framework="pt") as f:
-            copy[start : start + rows] = f.get_slice(key)[start : start + rows]
+            piece = f.get_slice(key)[start : start + rows]
+            if copy is None:
+                copy = piece.new_empty(shape)
+            copy[start : start + rows] = piece
     return copy
 
 
