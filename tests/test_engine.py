@@ -37,7 +37,7 @@ def test_in_place_rotary_equals_reference(dtype):
     angles = torch.rand(2, 5, 4, generator=g) * 10
     sin, cos = angles.sin(), angles.cos()
     expected = [apply_rotary(qkv[:, :, i], sin[:, :, None], cos[:, :, None]) for i in range(2)]
-    rotate_(qkv[:, :, :2], torch.complex(cos, sin)[:, :, None, None])
+    rotate_(qkv[:, :, :2], torch.stack([cos, sin], dim=-1)[:, :, None, None])
     for i in range(2):
         torch.testing.assert_close(qkv[:, :, i], expected[i], atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
 
@@ -46,7 +46,7 @@ def test_in_place_rotary_with_odd_strides_takes_the_copy_path():
     x = torch.randn(1, 3, 2, 7)  # head size 7: pairs start at odd offsets in memory
     angles = torch.rand(1, 3, 2)
     expected = apply_rotary(x, angles.sin()[:, :, None], angles.cos()[:, :, None])
-    rotate_(x, torch.complex(angles.cos(), angles.sin())[:, :, None])
+    rotate_(x, torch.stack([angles.cos(), angles.sin()], dim=-1)[:, :, None])
     torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
 
 

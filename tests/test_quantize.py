@@ -89,7 +89,10 @@ def test_fast_kernels_agree_with_the_portable_path():
     x = torch.randn(4, 256)
     with torch.no_grad():
         # Same quantized weights; the fast int8 kernel also quantizes the activations, the portable path does not.
-        assert relative_error(Int8Linear(linear)(x), Int8Linear(linear, backend="dequant")(x)) < 0.01
+        # Without VNNI they get 7 bits instead of 8 (see _reduce_range), which doubles their step: measured
+        # 0.006 with VNNI (AVX-512) and 0.015 without (AVX2).
+        fast = Int8Linear(linear)
+        assert relative_error(fast(x), Int8Linear(linear, backend="dequant")(x)) < (0.02 if fast.reduce_range else 0.01)
         # The int4 kernel differs from the portable path only by the bf16 activations.
         assert relative_error(Int4Linear(linear, 128)(x), Int4Linear(linear, 128, backend="dequant")(x)) < 0.01
 

@@ -149,14 +149,17 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
 
 
 def rotate_(x: torch.Tensor, rotary: torch.Tensor) -> None:
-    """``apply_rotary`` in place: each (even, odd) pair of the first rotary dims of ``x`` ``[b, t, ..., d]``,
-    read as the complex number even + i·odd, times ``rotary`` = cos + i·sin (complex64, broadcast to
-    ``[b, t, ..., r/2]``) gives exactly (even·cos - odd·sin, odd·cos + even·sin)."""
-    pairs = x[..., : 2 * rotary.shape[-1]].unflatten(-1, (-1, 2))
-    if x.dtype == torch.float32 and pairs.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in pairs.stride()[:-1]):
-        torch.view_as_complex(pairs).mul_(rotary)
-    else:  # half precision (rotate in fp32, like the original) or an odd head size
-        pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float().contiguous()) * rotary))
+    """``apply_rotary`` in place: each (even, odd) pair of the first rotary dims of ``x`` ``[b, t, ..., d]`` becomes
+    (even·cos - odd·sin, odd·cos + even·sin); ``rotary`` holds (cos, sin) pairs ``[b, t, ..., r/2, 2]`` (fp32).
+    In eager fp32 that is one complex multiply, pair × (cos + i·sin), in place; half precision (rotated in fp32,
+    like the original), odd head sizes and compiled graphs (inductor has no complex kernels) take real arithmetic."""
+    pairs = x[..., : 2 * rotary.shape[-2]].unflatten(-1, (-1, 2))
+    if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and pairs.storage_offset() % 2 == 0
+            and all(s % 2 == 0 for s in pairs.stride()[:-1])):
+        torch.view_as_complex(pairs).mul_(torch.view_as_complex(rotary))
+    else:
+        (even, odd), (cos, sin) = pairs.float().unbind(-1), rotary.unbind(-1)
+        pairs.copy_(torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1))
 
 
 ACT_FNS = {
@@ -477,7 +480,7 @@ class CodeGenModel(CodeGenPreTrainedModel):
         x = self.wte(input_ids)
         b, t = input_ids.shape
         sin, cos = self.rotary[positions].chunk(2, dim=-1)
-        rotary = torch.complex(cos, sin)[:, :, None, None, :]  # [b, t, 1 (q/k), 1 (head), r/2]
+        rotary = torch.stack([cos, sin], dim=-1)[:, :, None, None]  # [b, t, 1 (q/k), 1 (head), r/2, 2]
         mask = None
         if not aligned or (t > 1 and kv_len != t):
             keys = torch.arange(kv_len, device=x.device)
