@@ -2,6 +2,7 @@
 
     python bench/engine.py                       # 350M shape, random weights, 2 threads, 3 rounds
     python bench/engine.py --rounds 5 --precisions fp32,int8
+    python bench/engine.py --device cuda --precisions bf16 --size 2B --compile   # GPU: ours vs transformers
 
 For each precision, every system runs in its own subprocess (so peak RSS is per system), one subprocess per
 system and round; the rounds interleave the systems so that load from other processes on a shared machine
@@ -13,8 +14,12 @@ so every run generates the same number of tokens; times are end to end, prefill 
            (ours: one shared prefill; CTranslate2: num_hypotheses=8; transformers: num_return_sequences=8)
   prefill  8 different 256-token prompts, one new token each: seconds
   ttft     one 256-token prompt: seconds to the first token
-  rss      the subprocess's peak resident memory (model load included): GB, after the batch-1 decode
-           scenario (rss_decode) and after all of them
+  rss      the subprocess's peak resident memory (model load included; on a GPU its peak allocated device
+           memory): GB, after the batch-1 decode scenario (rss_decode) and after all of them
+
+On a GPU (--device cuda, precisions bf16/fp16) the peers are ours and transformers, the shape is --size, and the
+table ends with each system's batch-1 decode bandwidth: matmul weight bytes × tokens/s, against a device copy
+measured in the same process. --compile runs our decode step as CUDA graphs (compiled before timing).
 
 The checkpoint (random weights, official layout) and its CTranslate2 conversions (made with CTranslate2's own
 TransformersConverter) are cached in --workdir.
@@ -39,7 +44,10 @@ SYSTEMS = {  # (system, precision) pairs that exist; transformers has no int8/in
     "fp32": ["ours", "transformers", "ctranslate2"],
     "int8": ["ours", "ctranslate2"],
     "int4": ["ours"],
+    "bf16": ["ours", "transformers"],  # GPU (--device cuda)
+    "fp16": ["ours", "transformers"],
 }
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SCENARIOS = ("decode", "n8", "prefill", "ttft")
 
 
@@ -60,6 +68,8 @@ def prompts(vocab: int = 50000) -> dict[str, list]:
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.modules["torch"].cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -72,8 +82,10 @@ def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]
 
     torch.set_num_threads(args.threads)
     # What Generator.from_pretrained does (the checkpoint has no tokenizer files).
-    model = load_model(args.checkpoint, quantize=None if args.precision == "fp32" else args.precision, inference=True)
-    generator = Generator(model, None, max_batch=8)
+    quantize = args.precision if args.precision in ("int8", "int4") else None
+    dtype = TORCH_DTYPES.get(args.precision, "float32")
+    model = load_model(args.checkpoint, quantize=quantize, inference=True, dtype=dtype, device=args.device)
+    generator = Generator(model, None, max_batch=8, compile=args.compile)
     new = args.new_tokens
 
     def complete(batch, **params):
@@ -81,6 +93,9 @@ def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]
         assert all(len(c.token_ids) == params["max_new_tokens"] for r in results for c in r)
 
     complete([p["decode"]], max_new_tokens=8)  # warm-up
+    if args.compile:  # compiling happens at the first step of each shape: the batched shapes too
+        complete([p["long"]], max_new_tokens=4, n=8, temperature=0.8, seed=1)
+        complete([p["decode"]], max_new_tokens=args.new_tokens)
     return {
         "decode": lambda: new / timed(lambda: complete([p["decode"]], max_new_tokens=new)),
         "n8": lambda: 8 * new / timed(lambda: complete([p["long"]], max_new_tokens=new, n=8, temperature=0.8, top_p=0.95, seed=1)),
@@ -94,12 +109,13 @@ def run_transformers(args: argparse.Namespace, p: dict) -> dict[str, Callable[[]
     import transformers
 
     torch.set_num_threads(args.threads)
-    model = transformers.CodeGenForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    model = transformers.CodeGenForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, TORCH_DTYPES[args.precision]))
+    model = model.to(args.device).eval()
     new = args.new_tokens
 
     def generate(batch, **kwargs):
         with torch.inference_mode():
-            ids = torch.tensor(batch)
+            ids = torch.tensor(batch, device=args.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=50256, min_new_tokens=kwargs["max_new_tokens"], **kwargs)
         assert out.shape[1] == ids.shape[1] + kwargs["max_new_tokens"]
 
@@ -146,31 +162,59 @@ def peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def peak_gpu_memory() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 4 GB device-to-device copy (bytes read + written), median of 10: the HBM ceiling measured here."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 4 * (1 << 30) / statistics.median(times[2:]) / 1e9
+
+
 def worker(args: argparse.Namespace) -> None:
     runner = {"ours": run_ours, "transformers": run_transformers, "ctranslate2": run_ctranslate2}[args.system]
     scenarios = runner(args, prompts())
+    peak = peak_gpu_memory if args.device.startswith("cuda") else peak_rss
     result = {}
     for name in args.scenarios.split(","):
         result[name] = scenarios[name]()
         if name == "decode":  # before the batched scenarios grow the KV cache
-            result["rss_decode"] = peak_rss()
-    result["rss"] = peak_rss()
+            result["rss_decode"] = peak()
+    result["rss"] = peak()
+    if args.device.startswith("cuda"):
+        result["copy_gbps"] = copy_bandwidth()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # --- driver -------------------------------------------------------------------------------------------------
 
 
-def prepare(workdir: Path, precisions: list[str]) -> Path:
-    """The random-weight 350M checkpoint and its CTranslate2 conversions, made once."""
-    checkpoint = workdir / "codegen-350M-random"
-    if not (checkpoint / "model.safetensors").exists():
+def prepare(workdir: Path, precisions: list[str], size: str = "350M", dtype: str = "fp32") -> Path:
+    """The random-weight checkpoint of the ``size`` shape and its CTranslate2 conversions, made once."""
+    checkpoint = workdir / (f"codegen-{size}-random" + ("" if dtype == "fp32" else f"-{dtype}"))
+    if not any(checkpoint.glob("*.safetensors")):
         import torch
 
         from codegen_lm import CodeGenConfig, CodeGenForCausalLM
 
         torch.manual_seed(0)
-        CodeGenForCausalLM(CodeGenConfig.preset("codegen-350M-mono")).save_pretrained(checkpoint)
+        CodeGenForCausalLM(CodeGenConfig.preset(f"codegen-{size}-mono")).to(getattr(torch, TORCH_DTYPES[dtype])).save_pretrained(checkpoint)
     for precision in precisions:
         folder = workdir / f"ct2-{precision}"
         if precision in ("fp32", "int8") and not (folder / "model.bin").exists():
@@ -190,6 +234,9 @@ def arguments(argv: list[str] | None = None, **defaults: object) -> argparse.Nam
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for bf16/fp16 (ours vs transformers)")
+    parser.add_argument("--size", default="350M", choices=["350M", "2B", "6B", "16B"], help="model shape")
+    parser.add_argument("--compile", action="store_true", help="ours: compiled decode step (CUDA graphs on a GPU)")
     parser.add_argument("--json", help="also write the medians here")
     parser.add_argument("--worker", nargs=2, metavar=("SYSTEM", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -208,6 +255,8 @@ def main() -> None:
     runs = [(s, p) for p in precisions for s in SYSTEMS[p] if s in args.systems.split(",")]
     medians = measure(runs, args)
     print_table(medians, precisions)
+    if args.device.startswith("cuda"):
+        print_bandwidth(medians, args.size)
     if args.json:
         Path(args.json).write_text(json.dumps({f"{s} {p}": m for (s, p), m in medians.items()}, indent=2) + "\n")
 
@@ -216,10 +265,16 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
     """Run every (system, precision) once per round, each in its own subprocess; medians over rounds (RSS: max)."""
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = prepare(workdir, sorted({p for s, p in runs if s == "ctranslate2"}))
+    gpu = args.device.startswith("cuda")
+    checkpoint = prepare(workdir, sorted({p for s, p in runs if s == "ctranslate2"}), args.size,
+                         runs[0][1] if gpu else "fp32")
     print(f"CPU: {cpu_summary()}")
+    if gpu:
+        import torch
+
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     weights = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors")) / 1e9
-    print(f"checkpoint weights (fp32): {weights:.2f} GB")
+    print(f"checkpoint {args.size} weights: {weights:.2f} GB")
     print(f"threads {args.threads}, {args.rounds} rounds, {args.new_tokens} new tokens; load average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -228,7 +283,7 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
         for system, precision in runs:
             command = [sys.executable, __file__, "--worker", system, precision, "--checkpoint", str(checkpoint),
                        "--workdir", str(workdir), "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                       "--scenarios", args.scenarios]
+                       "--scenarios", args.scenarios, "--device", args.device] + (["--compile"] if args.compile else [])
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -242,7 +297,22 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
 
 
 COLUMNS = {"decode": ("decode tok/s", "{:.1f}"), "n8": ("n=8 gen tok/s", "{:.1f}"), "prefill": ("prefill 8×256 s", "{:.2f}"),
-           "ttft": ("TTFT 256 s", "{:.3f}"), "rss_decode": ("peak RSS batch 1 GB", "{:.2f}"), "rss": ("peak RSS all GB", "{:.2f}")}
+           "ttft": ("TTFT 256 s", "{:.3f}"), "rss_decode": ("peak memory batch 1 GB", "{:.2f}"),
+           "rss": ("peak memory all GB", "{:.2f}")}
+
+
+def print_bandwidth(medians: dict[tuple[str, str], dict[str, float]], size: str) -> None:
+    """Batch-1 decode reads every matmul weight once per token (DESIGN §6): weight bytes × tokens/s against the
+    copy bandwidth measured in the same process."""
+    from codegen_lm import CodeGenConfig
+
+    c = CodeGenConfig.preset(f"codegen-{size}-mono")
+    params = c.n_layer * (4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.inner_dim) + c.vocab_size * c.n_embd
+    print(f"\nBatch-1 decode bandwidth ({params / 1e9:.2f} B matmul parameters read per token):")
+    for (system, precision), m in medians.items():
+        gbps = params * {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}[precision] * m["decode"] / 1e9
+        print(f"{system} {precision}: {gbps:.0f} GB/s = {gbps / m['copy_gbps']:.0%} of the measured copy bandwidth "
+              f"({m['copy_gbps']:.0f} GB/s)")
 
 
 def print_table(medians: dict[tuple[str, str], dict[str, float]], precisions: list[str]) -> None:

@@ -11,6 +11,7 @@ from conftest import build_model
 from codegen_lm import AutoTokenizer
 from codegen_lm.generate import Generator, SamplingParams, Scheduler, TextStream, nucleus_floor, sample
 from codegen_lm.model import KVCache, apply_rotary, rotate_
+from codegen_lm.quantize import OneDNNLinear, prepare_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_n_samples_with_shared_prefill_equal_each_alone(model):
         assert len({tuple(c.token_ids) for c in together}) > 1
 
 
-def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_alone(model):
+def run_mixed_requests_joining_leaving_and_aborted(model, max_batch: int = 3, compile: bool = False):
     requests = {
         "greedy": (list(range(1, 9)), SamplingParams(max_new_tokens=6, ignore_eos=True)),
         "hot": (list(range(50, 70)), SamplingParams(max_new_tokens=11, temperature=1.1, top_p=0.9, seed=3, ignore_eos=True)),
@@ -191,7 +192,7 @@ def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_
                 out.setdefault(o.index, []).extend(o.token_ids)
         return out
 
-    scheduler = Scheduler(model, None, max_batch=3)
+    scheduler = Scheduler(model, None, max_batch=max_batch, compile=compile)
     scheduler.add_request(list(range(100, 125)), SamplingParams(max_new_tokens=50, ignore_eos=True), "doomed")
     got: dict[str, dict[int, list[int]]] = {}
     joining = list(requests)
@@ -208,6 +209,65 @@ def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_
     assert len(got["doomed"][0]) == 4
     for name in requests:
         assert got[name] == alone(name), name
+
+
+def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_alone(model):
+    run_mixed_requests_joining_leaving_and_aborted(model)
+
+
+# --- the compiled decode step ---------------------------------------------------------------------------
+
+
+def test_static_decode_steps_give_each_request_what_it_gets_alone(model, monkeypatch):
+    """The compiled path's static shapes (rows padded to a power of two, keys over the whole cache) under the
+    same joins, leaves and abort; dynamo traces the step (fullgraph), its eager backend runs it, so this is fast."""
+    real_compile, shapes = torch.compile, set()
+
+    def compile_eagerly(fn, **kwargs):
+        step = real_compile(fn, **kwargs, backend="eager")
+
+        def recorded(tokens, positions, cache, rows, kv_len):
+            shapes.add((tokens.shape[0], kv_len == cache.max_len))
+            return step(tokens, positions, cache, rows, kv_len)
+        return recorded
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    try:
+        run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
+        assert (4, True) in shapes and all(whole for _, whole in shapes)  # 3 running rows ran as 4, keys: all slots
+    finally:
+        model.__dict__.pop("_compiled_decode_step", None)
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_decode():
+    """inductor's compiled step against the eager engine: same greedy tokens, logits within float rounding."""
+    model = build_model(seed=5)
+    prompts = [list(range(3, 13)), list(range(40, 50))]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    torch._dynamo.reset()
+    try:
+        compiled = Generator(model, None, compile=True).complete(prompts, params)
+    finally:
+        model.__dict__.pop("_compiled_decode_step", None)
+        torch._dynamo.reset()
+    eager = Generator(model, None).complete(prompts, params)
+    for c, e in zip(compiled, eager):
+        assert c[0].token_ids == e[0].token_ids
+        torch.testing.assert_close(c[0].logprobs, e[0].logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4", None])
+def test_compile_refuses_weights_packed_for_the_cpu(quantize):
+    model = build_model(n_embd=128, n_head=8)
+    if quantize is None:  # fp32 in oneDNN's blocked layout (what CPUs with AVX-512 get)
+        model.lm_head = OneDNNLinear(model.lm_head, packed=True)
+    else:
+        model = prepare_for_inference(model, quantize)
+    with pytest.raises(ValueError, match="compile needs weights that torch.compile can trace.*Linear"):
+        Generator(model, None, compile=True)
 
 
 def test_batch_one_holds_one_cache_row(model):

@@ -16,7 +16,7 @@ from torch import nn
 
 from codegen_lm.checkpoint import load_model
 from codegen_lm.generate import Generator, SamplingParams, Scheduler
-from codegen_lm.quantize import Int4Linear, Int8Linear, PackedLinear, _onednn_int8_available, prepare_for_inference
+from codegen_lm.quantize import Int4Linear, Int8Linear, OneDNNLinear, _onednn_int8_available, prepare_for_inference
 
 # Relative L2 error of a layer's output on Gaussian weights and inputs. int8: 1/127 steps on weights and
 # (per row) on activations; int4: 1/15 steps per group of 128 weights, activations in bf16.
@@ -177,7 +177,7 @@ def test_complete_command_takes_quantize(tiny_checkpoint, mode):
 def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
     packed = prepare_for_inference(copy.deepcopy(fp32_model))
     assert all(not isinstance(m, nn.Linear) for m in packed.modules())
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.transformer.h[0].in_proj, PackedLinear)
+    assert isinstance(packed.lm_head, OneDNNLinear) and isinstance(packed.transformer.h[0].in_proj, OneDNNLinear)
     ids = torch.randint(0, 1000, (3, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, fp32_model(ids).logits, atol=1e-5, rtol=1e-5)
@@ -189,6 +189,15 @@ def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
         packed.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already prepared for inference"):
         prepare_for_inference(packed, "int8")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_onednn_weight_layouts_compute_what_f_linear_does(packed):
+    linear = make_linear()
+    x = torch.randn(70, 256)
+    with torch.no_grad():
+        for rows in (1, 8, 70):  # oneDNN picks other kernels for few and many rows
+            torch.testing.assert_close(OneDNNLinear(linear, packed=packed)(x[:rows]), linear(x[:rows]), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_projections_compute_what_the_four_do(fp32_model):

@@ -163,7 +163,7 @@ def load_model(
     """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode.
 
     ``quantize`` (int8/int4) or ``inference=True`` prepare the model for inference only
-    (``codegen_lm.quantize.prepare_for_inference``: fused projections, int8/int4 or oneDNN-packed weights).
+    (``codegen_lm.quantize.prepare_for_inference``: fused projections, int8/int4 or oneDNN fp32 weights).
     That happens block by block as the checkpoint is read, and each block's full-precision tensors are let go
     at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
     (each safetensors tensor is copied with its file open alone; a .bin file is one mapping, resident until

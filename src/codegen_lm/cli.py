@@ -31,6 +31,8 @@ MODEL_OPTION = typer.Option("Salesforce/codegen-350M-mono", "--model", "-m", hel
 DTYPE_OPTION = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on GPU).")
 DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto.")
 QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4.")
+COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the decode step (torch.compile, CUDA graphs): pays on "
+                              "a GPU, after a minute of compiling; not on CPU, where the weights are packed.")
 
 STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
 
@@ -55,14 +57,14 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def load_generator(model: str, dtype: str, device: str, quantize: str | None):
+def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False):
     """Model + tokenizer, with a status line on stderr while the weights load."""
     from rich.console import Console
 
     from .generate import Generator
 
     with Console(stderr=True).status(f"loading {model}"):
-        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
+        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile)
 
 
 @app.command("complete")
@@ -82,6 +84,7 @@ def complete_command(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """Complete a prompt: print the prompt followed by the generated code."""
     import json
@@ -94,7 +97,7 @@ def complete_command(
                             stop=list(stop), seed=seed)
     if stream and json_output:
         raise ValueError("--stream and --json do not go together; pick one")
-    generator = load_generator(model, dtype, device, quantize)
+    generator = load_generator(model, dtype, device, quantize, compile)
     cut = (lambda s: truncate_before_pattern(s, STANDARD_TRUNCATION)) if truncate else (lambda s: s)
 
     if stream:
@@ -250,6 +253,7 @@ def eval_humaneval_command(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
     from pathlib import Path
@@ -274,7 +278,7 @@ def eval_humaneval_command(
         settings.max_new_tokens, settings.seed = max_new_tokens, seed
         out = out or str(Path("runs") / f"humaneval-{Path(model).name}-n{n}-t{temperature:g}")
     humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None, workers=workers,
-                       generator_factory=lambda: load_generator(model, dtype, device, quantize))
+                       generator_factory=lambda: load_generator(model, dtype, device, quantize, compile))
 
 
 @eval_app.command("mtpb")
@@ -292,6 +296,7 @@ def eval_mtpb_command(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
     from pathlib import Path
@@ -305,7 +310,7 @@ def eval_mtpb_command(
                              top_p=top_p, seed=seed, timeout=timeout, limit=limit)
     out = out or str(Path("runs") / f"mtpb-{Path(model).name}-n{n}")
     mtpb.evaluate(Path(out), settings, table, workers=workers,
-                  generator_factory=lambda: load_generator(model, dtype, device, quantize))
+                  generator_factory=lambda: load_generator(model, dtype, device, quantize, compile))
 
 
 @app.command("serve")
@@ -317,6 +322,7 @@ def serve_command(
                                      "(also read: $CODEGEN_LM_API_KEYS, comma-separated). None: no authentication."),
     served_model_name: str = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
     quantize: str = QUANTIZE_OPTION,
+    compile: bool = COMPILE_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
@@ -335,8 +341,8 @@ def serve_command(
     from .serve import Limits, serve
 
     limits = Limits(max_tokens=max_tokens, max_n=max_n, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
-    serve(model, host, port, served_model_name=served_model_name, quantize=quantize, dtype=dtype, device=device,
-          api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
+    serve(model, host, port, served_model_name=served_model_name, quantize=quantize, compile=compile, dtype=dtype,
+          device=device, api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
           max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
 
 
@@ -354,6 +360,7 @@ def chat_command(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """Write a program step by step: each line you type says what the next step should do, and the model writes
     its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
@@ -361,7 +368,7 @@ def chat_command(
     from .generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize))
+    status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize, compile))
     if status:
         raise typer.Exit(status)
 

@@ -14,7 +14,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence as SequenceT
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -223,17 +223,43 @@ class _Sequence:
         return len(self.request.prompt_ids) + len(self.token_ids)
 
 
+def compiled_decode_step(model: CodeGenForCausalLM) -> Callable[..., torch.Tensor]:
+    """``model.logits_cached`` under ``torch.compile``, made once per model and shared by its schedulers.
+
+    The scheduler calls it with static shapes only: a power-of-two number of rows and the whole cache length
+    (a mask hides the slots past each row's position), so a generation needs a handful of graphs, not one per
+    step. On CUDA it runs as CUDA graphs (mode "reduce-overhead"): a decode step is one graph replay instead of
+    hundreds of kernel launches. On CPU it does not pay (docs/benchmarks.md): the compiled graph multiplies
+    through PyTorch's default kernels instead of oneDNN's, and blocked or quantized weights cannot be traced."""
+    step = model.__dict__.get("_compiled_decode_step")
+    if step is None:
+        opaque = sorted({type(m).__name__ for m in model.modules() if getattr(m, "opaque_to_compile", False)})
+        if opaque:
+            raise ValueError(f"compile needs weights that torch.compile can trace, and this model's {', '.join(opaque)} "
+                             "layers are packed for the CPU's own kernels; compile on a GPU (where it pays), or drop it")
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # graphs per (rows, cache length): a few dozen at most
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        step = model.__dict__["_compiled_decode_step"] = torch.compile(model.logits_cached, mode=mode, dynamic=False,
+                                                                       fullgraph=True)
+    return step
+
+
 class Scheduler:
     """Continuous batching: ``add_request``, then ``step`` until ``has_unfinished`` is false.
 
     Cache rows ``[0, len(running))`` hold the running sequences; a finished sequence's row is refilled
-    with the last one, so a decode step always runs over one contiguous slice of the cache.
+    with the last one, so a decode step always runs over one contiguous slice of the cache. With
+    ``compile=True`` decode steps run through ``compiled_decode_step``.
     """
 
-    def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16, eos_token_id: int | None = None):
+    def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16, eos_token_id: int | None = None,
+                 compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.compile = compile
+        self._compiled_step = compiled_decode_step(model) if compile else None
         self.config = model.config
         self.eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
         # Released models have 51200 logit rows for 50295 tokens: the padding rows must never be sampled.
@@ -377,11 +403,19 @@ class Scheduler:
         positions = [s.length - 1 for s in self.running]
         kv_len = max(positions) + 1
         self._ensure_cache(n, kv_len)
-        last = torch.tensor([[s.token_ids[-1]] for s in self.running], device=device)
-        logits = self.model.logits_cached(
-            last, torch.tensor(positions, device=device)[:, None], self.cache, slice(0, n), kv_len,
-            aligned=min(positions) == kv_len - 1,
-        )
+        last = [s.token_ids[-1] for s in self.running]
+        if self._compiled_step is not None:
+            # Static shapes: rows padded to a power of two (the padding rows are free rows, their token at slot 0),
+            # keys over the whole cache length.
+            rows = min(1 << (n - 1).bit_length(), self.cache.batch_size)
+            tokens = torch.tensor(last + [0] * (rows - n), device=device)[:, None]
+            where = torch.tensor(positions + [0] * (rows - n), device=device)[:, None]
+            logits = self._compiled_step(tokens, where, self.cache, slice(0, rows), self.cache.max_len)[:n]
+        else:
+            logits = self.model.logits_cached(
+                torch.tensor(last, device=device)[:, None], torch.tensor(positions, device=device)[:, None], self.cache,
+                slice(0, n), kv_len, aligned=min(positions) == kv_len - 1,
+            )
         return self._append_all(self.running, logits)
 
     def _append_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
@@ -435,6 +469,9 @@ class Scheduler:
         new_rows = min(self.max_batch, max(rows, 2 * old_rows))
         new_len = old_len if length <= old_len else min(limit, max(length, 2 * old_len))
         grown = KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device)
+        if self.compile:  # CUDA graphs write into the cache in place: its address is part of each graph
+            torch._dynamo.mark_static_address(grown.k)
+            torch._dynamo.mark_static_address(grown.v)
         if cache is not None:
             grown.k[:, :old_rows, :old_len] = cache.k
             grown.v[:, :old_rows, :old_len] = cache.v
@@ -442,24 +479,27 @@ class Scheduler:
 
 
 class Generator:
-    """Model + tokenizer, with the batch front ends: ``complete`` (n samples per prompt) and ``stream``."""
+    """Model + tokenizer, with the batch front ends: ``complete`` (n samples per prompt) and ``stream``.
+    ``compile=True`` runs decode steps compiled (see ``compiled_decode_step``; it pays on a GPU)."""
 
-    def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+    def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16, compile: bool = False):
+        self.model, self.tokenizer, self.max_batch, self.compile = model, tokenizer, max_batch, compile
+        if compile:
+            compiled_decode_step(model)  # refuse untraceable weights now, not at the first step
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_batch: int = 16, **load_kwargs: Any) -> "Generator":
+    def from_pretrained(cls, name_or_path: str, max_batch: int = 16, compile: bool = False, **load_kwargs: Any) -> "Generator":
         """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
-        int8/int4 with ``quantize=``, else fp32 weights packed for oneDNN on CPU: see ``codegen_lm.quantize``);
+        int8/int4 with ``quantize=``, else fp32 weights through oneDNN on CPU: see ``codegen_lm.quantize``);
         the generator owns this model."""
         from .checkpoint import load_model
         from .tokenizer import AutoTokenizer
 
         model = load_model(name_or_path, inference=True, **load_kwargs)
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path), max_batch)
+        return cls(model, AutoTokenizer.from_pretrained(name_or_path), max_batch, compile)
 
     def scheduler(self) -> Scheduler:
-        return Scheduler(self.model, self.tokenizer, self.max_batch)
+        return Scheduler(self.model, self.tokenizer, self.max_batch, compile=self.compile)
 
     def complete(
         self, prompts: SequenceT[str | list[int]], params: SamplingParams, on_output: Any = None

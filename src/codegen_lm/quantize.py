@@ -5,11 +5,12 @@ linear layer takes the fastest form measured for its precision on this device (d
 "Generation engine"). Batch-1 decoding reads every weight once per token, so fewer bytes per weight and fewer,
 larger matmuls are more tokens per second.
 
-* **fp32 on CPU**: the weights reordered once into oneDNN's blocked layout and multiplied with
-  ``torch.ops.mkldnn._linear_pointwise``. Measured on the 350M shape (2 threads, AMD EPYC with AVX-512),
-  PyTorch's default ``F.linear`` (MKL) reached 15 GB/s at batch 1 and 8 GB/s at batch 8; the packed oneDNN
-  kernel 28-31 and 24 GB/s, and it is faster for prefill-sized batches too. Results differ from ``F.linear``
-  only by summation order (about 1e-6).
+* **fp32 on CPU**: oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), with the weights reordered once
+  into oneDNN's blocked layout on CPUs with AVX-512 and kept row-major elsewhere (``pack_fp32_weights``).
+  Measured on the 350M shape (2 threads, AMD EPYC): with AVX-512, PyTorch's default ``F.linear`` (MKL) reached
+  15 GB/s at batch 1 and 8 GB/s at batch 8, the blocked oneDNN kernel 28-31 and 24 GB/s; AVX2-only, MKL
+  reached half of oneDNN's speed at every batch size, and the row-major weight was as fast as the blocked one
+  at 1-8 rows and 1.3-1.5× faster from 64. Results differ from ``F.linear`` only by summation order (about 1e-6).
 * **int8**: weights per output channel (symmetric, [-127, 127]), activations quantized on the fly per row. Few
   rows (decoding) go through fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``), many rows (prefill)
   through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows) on
@@ -111,6 +112,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         device = linear.weight.device
         self.backend = backend or ("fbgemm" if device.type == "cpu" and _fbgemm_available() else "dequant")
+        self.opaque_to_compile = self.backend != "dequant"  # packed weights that torch.compile cannot trace
         q, scale = quantize_per_channel_int8(linear.weight)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
@@ -170,6 +172,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         device = linear.weight.device
         self.backend = backend or ("int4pack" if device.type == "cpu" else "dequant")
+        self.opaque_to_compile = self.backend != "dequant"
         q, scale, zero = quantize_groupwise_int4(linear.weight, group_size)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
@@ -203,23 +206,41 @@ class Int4Linear(nn.Module):
                 f"backend={self.backend}")
 
 
-class PackedLinear(nn.Module):
-    """``nn.Linear`` for CPU inference with its weight in oneDNN's blocked layout (see the module docstring)."""
+def pack_fp32_weights() -> bool:
+    """Whether fp32 weights are reordered into oneDNN's blocked layout on this CPU, or kept row-major.
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+    Measured (docs/benchmarks.md): with AVX-512 the blocked layout read weights at 28-31 GB/s at batch 1, MKL's
+    ``F.linear`` at 15. On an AVX2-only EPYC the same oneDNN primitive over the row-major weight matched the blocked
+    one at batch 1 and 8 and was 1.3-1.5× faster from 64 rows on (prefill), while MKL reached half of either."""
+    return "avx512f" in cpu_flags()
+
+
+class OneDNNLinear(nn.Module):
+    """``nn.Linear`` for CPU fp32 inference through oneDNN's matmul (``mkldnn._linear_pointwise``), its weight
+    reordered into oneDNN's blocked layout where that pays (``pack_fp32_weights``), else kept row-major."""
+
+    def __init__(self, linear: nn.Linear, packed: bool | None = None, batch_hint: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # An opaque oneDNN tensor: kept as a plain attribute, not a buffer (it cannot be saved or moved).
-        self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.packed = pack_fp32_weights() if packed is None else packed
+        self.opaque_to_compile = self.packed  # a blocked weight is an opaque oneDNN tensor
+        weight = linear.weight.detach()
+        if self.packed:  # kept as a plain attribute, not a buffer: an opaque tensor cannot be saved or moved
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        else:
+            self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None, persistent=False)
         self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight_packed, self.bias, "none", [], "")
+        if torch.compiler.is_compiling():  # inductor lowers oneDNN's op only for weights it froze itself
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn"
+        layout = "blocked" if self.packed else "row-major"
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn ({layout})"
 
 
 def int4_group_size(linear: nn.Linear) -> int | None:
@@ -231,14 +252,14 @@ def int4_group_size(linear: nn.Linear) -> int | None:
 
 def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False) -> nn.Module:
     """The inference form of one linear layer: int4 (int8 for the LM ``head`` and shapes the int4 kernel cannot
-    take), int8, oneDNN-packed fp32 on CPU, or the layer itself."""
+    take), int8, fp32 through oneDNN on CPU, or the layer itself."""
     if quantize == "int4" and not head and (group_size := int4_group_size(linear)):
         return Int4Linear(linear, group_size)
     if quantize:
         return Int8Linear(linear)
     weight = linear.weight
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return PackedLinear(linear)
+        return OneDNNLinear(linear)
     return linear
 
 
@@ -254,7 +275,7 @@ def check_quantize(quantize: str | None) -> None:
 
 def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
     """Convert a ``CodeGenForCausalLM`` or ``CodeGenModel`` in place for inference only: fused projections,
-    then int8/int4 weights when ``quantize`` says so, else fp32 weights packed for oneDNN on CPU. Embeddings
+    then int8/int4 weights when ``quantize`` says so, else fp32 weights through oneDNN on CPU. Embeddings
     and layer norms keep their precision. The model can no longer be trained or saved. Returns the model.
     (``load_model(..., inference=True)`` does this block by block while reading the checkpoint.)"""
     check_quantize(quantize)

@@ -448,7 +448,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,
-          quantize: str | None = None, dtype: str | None = None, device: str | None = None,
+          quantize: str | None = None, compile: bool = False, dtype: str | None = None, device: str | None = None,
           api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
           limits: P.Limits | None = None, max_connections: int = 256, shutdown_timeout: float = 30.0,
           log_level: str = "info") -> None:
@@ -460,7 +460,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
     # The same loading as every other command (on CPU, fp32 weights repacked for faster matmuls).
-    generator = Generator.from_pretrained(model, max_batch, dtype=dtype, device=device or "auto", quantize=quantize)
+    generator = Generator.from_pretrained(model, max_batch, compile, dtype=dtype, device=device or "auto", quantize=quantize)
     scheduler = generator.scheduler()
     config = ServerConfig(served_model_name or model, keys, max_batch, max_queue, limits or P.Limits())
     uvicorn.run(create_app(scheduler, config), host=host, port=port, log_level=log_level,

@@ -228,7 +228,7 @@ class Engine:
                 for rid in list(self.scheduler.requests):
                     self._post(self._fail, rid, JobError(f"generation failed ({type(e).__name__}: {e})"))
                 old = self.scheduler
-                self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id)
+                self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id, old.compile)
                 continue
             self.num_waiting, self.num_running = self.scheduler.num_waiting, self.scheduler.num_running
             if self.on_tokens is not None:
