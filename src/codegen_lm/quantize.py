@@ -13,8 +13,9 @@ larger matmuls are more tokens per second.
   at 1-8 rows and 1.3-1.5× faster from 64. Results differ from ``F.linear`` only by summation order (about 1e-6).
 * **int8**: weights per output channel (symmetric, [-127, 127]), activations quantized on the fly per row. Few
   rows (decoding) go through fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``), many rows (prefill)
-  through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows) on
-  CPUs with VNNI. fbgemm quantizes a whole activation matrix with one scale; to keep each row independent of
+  through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows; from
+  16 rows with VNNI, from 256 without). Without VNNI both take 7-bit activations, since their u8×s8 products
+  are summed in pairs in int16 there, which 8 bits could overflow. fbgemm quantizes a whole activation matrix with one scale; to keep each row independent of
   the others (a request's output must not depend on what else is in the batch) every row is scaled to
   max |x| = 1 first and two anchor columns (+1, -1, with zero weights) pin the matrix range to [-1, 1]
   whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
@@ -23,7 +24,8 @@ larger matmuls are more tokens per second.
   fp32 here, so they are not used.
 * **int4**: weights group-wise (asymmetric, groups of 128 along the input) with PyTorch's packed int4 CPU kernel
   (``_weight_int4pack_mm_for_cpu``), which is fast with bf16 activations (and slow with fp32 ones); the output
-  is cast back to fp32. The LM head stays int8: its errors land on the logits directly.
+  is cast back to fp32. The LM head stays int8: its errors land on the logits directly. It pays on CPUs with
+  AVX-512 BF16; on AVX2 alone it decoded slower than int8 and prefilled 3.5× slower (docs/benchmarks.md).
 
 On other devices (CUDA) the same quantized weights run through a plain dequantize-then-matmul path, which
 is exact and portable but not a fast kernel; full-precision layers stay ``nn.Linear`` there.
@@ -67,10 +69,13 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def _has_vnni() -> bool:
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
 @functools.cache
 def _onednn_int8_available() -> bool:
-    # Without VNNI, oneDNN's u8×s8 products also go through int16 pairs that can saturate: fbgemm only there.
-    if not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         torch.ops.onednn.qlinear_pointwise, torch.ops.onednn.qlinear_prepack
@@ -102,10 +107,6 @@ def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torc
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernels)."""
 
-    # From this many rows on, oneDNN's int8 GEMM beats fbgemm's (measured: 8 rows 0.8×, 16 rows 1.2×, 2048 1.75×).
-    ONEDNN_MIN_ROWS = 16
-    # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range.
-    X_SCALE, X_ZERO_POINT = 2 / 255, 128
 
     def __init__(self, linear: nn.Linear, backend: str | None = None):
         super().__init__()
@@ -129,6 +130,12 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.register_buffer("anchors", torch.tensor([[1.0, -1.0]], device=device), persistent=False)
             self.reduce_range = _reduce_range()
+            # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range
+            # (7 bits with reduce_range), so that both compute the same integer products. From onednn_min_rows rows
+            # on, oneDNN's GEMM beats fbgemm's (measured with AVX-512 VNNI: 8 rows 0.8×, 16 rows 1.2×, 2048 1.75×;
+            # AVX2 only: 64 rows 0.75×, 256 1.05×, 2048 1.5×).
+            self.x_scale, self.x_zero_point = (2 / 127, 64) if self.reduce_range else (2 / 255, 128)
+            self.onednn_min_rows = 16 if _has_vnni() else 256
             if _onednn_int8_available():
                 self._onednn = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), torch.zeros_like(scale, dtype=torch.long))
         elif self.backend == "dequant":
@@ -146,10 +153,10 @@ class Int8Linear(nn.Module):
         x = x.reshape(-1, self.in_features).float()
         rows = x.shape[0]
         norm = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).clamp_(min=1e-30)  # max |x|, 5× faster
-        if self._onednn is not None and rows >= self.ONEDNN_MIN_ROWS:
-            x_q = torch.quantize_per_tensor(x / norm, self.X_SCALE, self.X_ZERO_POINT, torch.quint8).int_repr()
+        if self._onednn is not None and rows >= self.onednn_min_rows:
+            x_q = torch.quantize_per_tensor(x / norm, self.x_scale, self.x_zero_point, torch.quint8).int_repr()
             weight, w_scale, w_zero = self._onednn
-            y = torch.ops.onednn.qlinear_pointwise(x_q, self.X_SCALE, self.X_ZERO_POINT, weight, w_scale, w_zero, None,
+            y = torch.ops.onednn.qlinear_pointwise(x_q, self.x_scale, self.x_zero_point, weight, w_scale, w_zero, None,
                                                    1.0, 0, torch.float32, "none", [], "")
         else:
             scaled = x.new_empty(rows, self.in_features + 2)
