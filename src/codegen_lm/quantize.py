@@ -133,7 +133,7 @@ class Int8Linear(nn.Module):
             # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range
             # (7 bits with reduce_range), so that both compute the same integer products. From onednn_min_rows rows
             # on, oneDNN's GEMM beats fbgemm's (measured with AVX-512 VNNI: 8 rows 0.8×, 16 rows 1.2×, 2048 1.75×;
-            # AVX2 only: 64 rows 0.75×, 256 1.05×, 2048 1.5×).
+            # AVX2 only: 64 rows 0.76×, 256 1.06×, 2048 1.5×).
             self.x_scale, self.x_zero_point = (2 / 127, 64) if self.reduce_range else (2 / 255, 128)
             self.onednn_min_rows = 16 if _has_vnni() else 256
             if _onednn_int8_available():
