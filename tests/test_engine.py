@@ -236,7 +236,13 @@ def test_static_decode_steps_give_each_request_what_it_gets_alone(model, monkeyp
     try:
         run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
         assert (4, True) in shapes and all(whole for _, whole in shapes)  # 3 running rows ran as 4, keys: all slots
+        # A finished scheduler leaves its cache to the next one: graphs are bound to the cache's address.
+        (cache,) = model.__dict__["_idle_caches"]
+        generator = Generator(model, None, max_batch=4, compile=True)
+        assert len(generator.complete([[1, 2, 3]], SamplingParams(max_new_tokens=3))[0][0].token_ids) == 3
+        assert model.__dict__["_idle_caches"] == [cache]
     finally:
+        model.__dict__.pop("_idle_caches", None)
         model.__dict__.pop("_compiled_decode_step", None)
         torch._dynamo.reset()
 
@@ -251,6 +257,7 @@ def test_compiled_decode_equals_eager_decode():
     try:
         compiled = Generator(model, None, compile=True).complete(prompts, params)
     finally:
+        model.__dict__.pop("_idle_caches", None)
         model.__dict__.pop("_compiled_decode_step", None)
         torch._dynamo.reset()
     eager = Generator(model, None).complete(prompts, params)

@@ -245,6 +245,11 @@ def compiled_decode_step(model: CodeGenForCausalLM) -> Callable[..., torch.Tenso
     return step
 
 
+def _idle_caches(model: CodeGenForCausalLM) -> list[KVCache]:
+    """Caches that compiled decode steps of ``model`` were made for, and that no scheduler is using."""
+    return model.__dict__.setdefault("_idle_caches", [])
+
+
 class Scheduler:
     """Continuous batching: ``add_request``, then ``step`` until ``has_unfinished`` is false.
 
@@ -336,6 +341,9 @@ class Scheduler:
             self._free_finished()
         for request_id in [r.id for r in self.requests.values() if r.waiting == 0 and not self._has_rows(r.id)]:
             del self.requests[request_id]
+        if self.compile and self.cache is not None and not self.has_unfinished():  # the next scheduler takes it over
+            _idle_caches(self.model).append(self.cache)
+            self.cache = None
         return outputs
 
     def _has_rows(self, request_id: str) -> bool:
@@ -462,6 +470,8 @@ class Scheduler:
         n_positions, so a batch-1 request holds only what it needs and growing stays rare."""
         limit = self.config.n_positions
         length = min(length, limit)
+        if self.cache is None and self.compile and _idle_caches(self.model):
+            self.cache = _idle_caches(self.model).pop()  # compiled graphs are bound to a cache's address: reuse it
         cache = self.cache
         if cache is not None and cache.batch_size >= rows and cache.max_len >= length:
             return
