@@ -15,17 +15,17 @@ larger matmuls are more tokens per second.
   rows (decoding) go through fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``), many rows (prefill)
   through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows; from
   16 rows with VNNI, from 256 without). Without VNNI both take 7-bit activations, since their u8×s8 products
-  are summed in pairs in int16 there, which 8 bits could overflow. fbgemm quantizes a whole activation matrix with one scale; to keep each row independent of
-  the others (a request's output must not depend on what else is in the batch) every row is scaled to
-  max |x| = 1 first and two anchor columns (+1, -1, with zero weights) pin the matrix range to [-1, 1]
-  whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
+  are summed in pairs in int16 there, which 8 bits could overflow. fbgemm quantizes a whole activation matrix
+  with one scale; to keep each row independent of the others (a request's output must not depend on what else
+  is in the batch) every row is scaled to max |x| = 1 first and two anchor columns (+1, -1, with zero weights)
+  pin the matrix range to [-1, 1] whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
   products and differ only in the rounding of the final float scaling (1 ulp).
   PyTorch's weight-only ``_weight_int8pack_mm`` and torchao's int8 weight-only layers were 5-10× slower than
   fp32 here, so they are not used.
 * **int4**: weights group-wise (asymmetric, groups of 128 along the input) with PyTorch's packed int4 CPU kernel
   (``_weight_int4pack_mm_for_cpu``), which is fast with bf16 activations (and slow with fp32 ones); the output
   is cast back to fp32. The LM head stays int8: its errors land on the logits directly. It pays on CPUs with
-  AVX-512 BF16; on AVX2 alone it decoded slower than int8 and prefilled 3.5× slower (docs/benchmarks.md).
+  AVX-512 BF16; on AVX2 alone it decoded slower than int8 and prefilled 3.6× slower (docs/benchmarks.md).
 
 On other devices (CUDA) the same quantized weights run through a plain dequantize-then-matmul path, which
 is exact and portable but not a fast kernel; full-precision layers stay ``nn.Linear`` there.
@@ -106,7 +106,6 @@ def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torc
 
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernels)."""
-
 
     def __init__(self, linear: nn.Linear, backend: str | None = None):
         super().__init__()
