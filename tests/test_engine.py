@@ -3,6 +3,8 @@ mask-free aligned attention, sort-free sampling, incremental detokenization and 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -249,13 +251,20 @@ def test_static_decode_steps_give_each_request_what_it_gets_alone(model, monkeyp
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_decode():
-    """inductor's compiled step against the eager engine: same greedy tokens, logits within float rounding."""
+    """inductor's compiled step against the eager engine: same greedy tokens, logits within float rounding; and
+    the step writes its keys into the cache in place, without copying a layer of the cache (which a write through
+    a view of the cache cost: one full-layer copy kernel per layer and step)."""
+    from torch._inductor.utils import run_and_get_code
+
     model = build_model(seed=5)
     prompts = [list(range(3, 13)), list(range(40, 50))]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
     torch._dynamo.reset()
     try:
-        compiled = Generator(model, None, compile=True).complete(prompts, params)
+        compiled, sources = run_and_get_code(lambda: Generator(model, None, compile=True).complete(prompts, params))
+        (cache,) = model.__dict__["_idle_caches"]
+        layer_numel = cache.k[0].numel()
+        assert sources and not any(re.search(rf"<static_cast<int64_t>\({layer_numel}L\)", s) for s in sources)
     finally:
         model.__dict__.pop("_idle_caches", None)
         model.__dict__.pop("_compiled_decode_step", None)

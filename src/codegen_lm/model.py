@@ -115,12 +115,15 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ``[b, t, n_head, head_dim]`` (views are fine) at flat ``slots``."""
-        if torch.compiler.is_compiling():  # a graph writes through views it takes of the whole (static) cache
-            k_slots, v_slots = self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
-        else:
-            k_slots, v_slots = self._k_slots[layer], self._v_slots[layer]
-        k_slots.index_copy_(0, slots, k.flatten(0, 1))
-        v_slots.index_copy_(0, slots, v.flatten(0, 1))
+        if torch.compiler.is_compiling():
+            # A graph must scatter into the cache tensor itself: a write through a view of it (one layer's slots)
+            # is functionalized into a copy of that whole view, every layer, every step (seen in inductor's code).
+            where = (torch.full_like(slots, layer), slots // self.max_len, slots % self.max_len)
+            self.k.index_put_(where, k.flatten(0, 1))
+            self.v.index_put_(where, v.flatten(0, 1))
+            return
+        self._k_slots[layer].index_copy_(0, slots, k.flatten(0, 1))
+        self._v_slots[layer].index_copy_(0, slots, v.flatten(0, 1))
 
     def read(self, layer: int, rows: slice, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``< kv_len`` of ``rows``, ``[b, n_head, kv_len, head_dim]`` views."""
