@@ -251,6 +251,11 @@ def main() -> None:
         worker(args)
         return
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on one, or drop --device")
     precisions = args.precisions.split(",")
     runs = [(s, p) for p in precisions for s in SYSTEMS[p] if s in args.systems.split(",")]
     medians = measure(runs, args)
