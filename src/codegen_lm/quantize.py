@@ -232,7 +232,6 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = pack_fp32_weights() if packed is None else packed
-        self.opaque_to_compile = self.packed  # a blocked weight is an opaque oneDNN tensor
         weight = linear.weight.detach()
         if self.packed:  # kept as a plain attribute, not a buffer: an opaque tensor cannot be saved or moved
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -242,8 +241,8 @@ class OneDNNLinear(nn.Module):
         self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inductor lowers oneDNN's op only for weights it froze itself
-            return F.linear(x, self.weight, self.bias)
+        # inductor lowers this op to the same oneDNN call, for weights it treats as constants: compiled with
+        # freezing (``generate.compiled_decode_step``), in either layout
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
