@@ -61,7 +61,7 @@ def test_complete_sampling_is_seeded_and_reads_stdin_and_files(tiny_checkpoint, 
         (["x", "--model", "{ck}", "--dtype", "int3"], "unknown dtype"),
         (["x", "--model", "{ck}", "-n", "5000"], "exceeds the model's 2048 positions"),
         (["x", "--model", "{ck}", "--stream", "--json"], "do not go together"),
-        (["x", "--model", "{ck}", "--compile", "--quantize", "int8"], "compile needs weights that torch.compile can trace"),
+        (["x", "--model", "{ck}", "--compile", "--quantize", "int4"], "compile needs weights that torch.compile can trace"),
     ],
 )
 def test_user_mistakes_give_one_line_and_nonzero_exit(args, message, tiny_checkpoint):

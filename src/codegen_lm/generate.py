@@ -232,13 +232,14 @@ def compiled_decode_step(model: CodeGenForCausalLM) -> Callable[..., torch.Tenso
     On CPU the gain is the Python and dispatch work between kernels (12 % of an fp32 step on the 350M shape,
     docs/benchmarks.md): the graph is frozen (weights become constants, so inductor keeps oneDNN's matmul on them)
     and its wrapper is C++; shapes stay live and turn symbolic at the first recompile, since a CPU compile costs
-    a minute or more. fbgemm int8 and packed int4 layers cannot be traced and are refused."""
+    a minute or more. fbgemm's int8 GEMMs are reached through a custom op (``quantize.fbgemm_linear``); packed
+    int4 layers cannot be traced and are refused."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
         opaque = sorted({type(m).__name__ for m in model.modules() if getattr(m, "opaque_to_compile", False)})
         if opaque:
             raise ValueError(f"compile needs weights that torch.compile can trace, and this model's {', '.join(opaque)} "
-                             "layers are packed for the CPU's own kernels; drop --compile, or compile fp32 weights")
+                             "layers are packed for the CPU's own kernels; drop --compile, or compile fp32 or int8 weights")
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # graphs per (rows, cache length): a few dozen at most
         if static_decode_shapes(model.device):

@@ -34,7 +34,9 @@ is exact and portable but not a fast kernel; full-precision layers stay ``nn.Lin
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -104,6 +106,24 @@ def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torc
     return q, scale, low + 8 * scale
 
 
+# fbgemm's packed weights are an opaque object that torch.compile cannot trace, so a compiled graph reaches each
+# layer's GEMM through the custom op below, by the layer's key in this table.
+_FBGEMM_LAYERS: weakref.WeakValueDictionary[int, "Int8Linear"] = weakref.WeakValueDictionary()
+_FBGEMM_KEYS = itertools.count()
+
+
+@torch.library.custom_op("codegen_lm::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """fbgemm's int8 GEMM (``quantized.linear_dynamic``) of the ``Int8Linear`` whose key is ``layer``."""
+    module = _FBGEMM_LAYERS[layer]
+    return torch.ops.quantized.linear_dynamic(x, module._packed, module.reduce_range)
+
+
+@fbgemm_linear.register_fake
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernels)."""
 
@@ -112,7 +132,6 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         device = linear.weight.device
         self.backend = backend or ("fbgemm" if device.type == "cpu" and _fbgemm_available() else "dequant")
-        self.opaque_to_compile = self.backend != "dequant"  # packed weights that torch.compile cannot trace
         q, scale = quantize_per_channel_int8(linear.weight)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
@@ -128,6 +147,8 @@ class Int8Linear(nn.Module):
                 )
                 self._packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.register_buffer("anchors", torch.tensor([[1.0, -1.0]], device=device), persistent=False)
+            self.key = next(_FBGEMM_KEYS)
+            _FBGEMM_LAYERS[self.key] = self
             self.reduce_range = _reduce_range()
             # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range
             # (7 bits with reduce_range), so that both compute the same integer products. From onednn_min_rows rows
@@ -151,20 +172,25 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()
         rows = x.shape[0]
+        # A compiled graph (decoding: few rows) always takes fbgemm, and inductor fuses the small ops around it.
+        compiling = torch.compiler.is_compiling()
         # max |x| per row: a few rows (decoding) take one op, since there each small op costs its overhead (this and
         # the single cat below: 3 % of an int8 decode step on AVX2); for many rows max(amax, -amin) is 5× faster
-        if rows < 16:
+        if compiling or rows < 16:
             norm = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
         else:
             norm = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).clamp_(min=1e-30)
-        if self._onednn is not None and rows >= self.onednn_min_rows:
+        if self._onednn is not None and not compiling and rows >= self.onednn_min_rows:
             x_q = torch.quantize_per_tensor(x / norm, self.x_scale, self.x_zero_point, torch.quint8).int_repr()
             weight, w_scale, w_zero = self._onednn
             y = torch.ops.onednn.qlinear_pointwise(x_q, self.x_scale, self.x_zero_point, weight, w_scale, w_zero, None,
                                                    1.0, 0, torch.float32, "none", [], "")
         else:
             scaled = torch.cat([x / norm, self.anchors.expand(rows, 2)], dim=1)
-            y = torch.ops.quantized.linear_dynamic(scaled, self._packed, self.reduce_range)
+            if compiling:
+                y = fbgemm_linear(scaled, self.key, self.out_features)
+            else:
+                y = torch.ops.quantized.linear_dynamic(scaled, self._packed, self.reduce_range)
         y = torch.addcmul(self.bias, y, norm) if self.bias is not None else y.mul_(norm)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
