@@ -229,10 +229,10 @@ def compiled_decode_step(model: CodeGenForCausalLM) -> Callable[..., torch.Tenso
     On CUDA it runs as CUDA graphs (mode "reduce-overhead"): a decode step is one graph replay instead of hundreds
     of kernel launches. Graphs need static shapes, so the scheduler pads rows to a power of two and attends over
     the whole cache behind a mask (``static_decode_shapes``): a generation needs a handful of graphs.
-    On CPU the gain is the Python and dispatch work between kernels (12 % of an fp32 step on the 350M shape,
-    docs/benchmarks.md): the graph is frozen (weights become constants, so inductor keeps oneDNN's matmul on them)
-    and its wrapper is C++; shapes stay live and turn symbolic at the first recompile, since a CPU compile costs
-    a minute or more. fbgemm's int8 GEMMs are reached through a custom op (``quantize.fbgemm_linear``); packed
+    On CPU the gain is the Python and dispatch work between kernels (on the 350M shape 12 % of an fp32 step and 25 %
+    of an int8 one, docs/benchmarks.md): the graph is frozen (weights become constants, so inductor keeps oneDNN's
+    matmul on them) and its wrapper is C++; shapes stay live and turn symbolic at the first recompile, since a CPU
+    compile costs a minute or more. fbgemm's int8 GEMMs are reached through a custom op (``quantize.fbgemm_linear``); packed
     int4 layers cannot be traced and are refused."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:

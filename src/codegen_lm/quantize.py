@@ -21,7 +21,8 @@ larger matmuls are more tokens per second.
   pin the matrix range to [-1, 1] whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
   products and differ only in the rounding of the final float scaling (1 ulp).
   PyTorch's weight-only ``_weight_int8pack_mm`` and torchao's int8 weight-only layers were 5-10× slower than
-  fp32 here, so they are not used.
+  fp32 here, so they are not used. A compiled decode step reaches fbgemm through the custom op
+  ``codegen_lm::fbgemm_linear`` (its packed weights cannot be traced) and fuses the small ops around it.
 * **int4**: weights group-wise (asymmetric, groups of 128 along the input) with PyTorch's packed int4 CPU kernel
   (``_weight_int4pack_mm_for_cpu``), which is fast with bf16 activations (and slow with fp32 ones); the output
   is cast back to fp32. The LM head stays int8: its errors land on the logits directly. It pays on CPUs with
