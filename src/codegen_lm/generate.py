@@ -282,8 +282,8 @@ class Scheduler:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.compile = compile
         self._compiled_step = compiled_decode_step(model) if compile else None
+        self._static_shapes = compile and static_decode_shapes(model.device)  # CUDA graphs: see _decode
         self.config = model.config
         self.eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
         # Released models have 51200 logit rows for 50295 tokens: the padding rows must never be sampled.
@@ -293,6 +293,10 @@ class Scheduler:
         self.running: list[_Sequence] = []
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+
+    @property
+    def compile(self) -> bool:
+        return self._compiled_step is not None
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -431,7 +435,7 @@ class Scheduler:
         kv_len = max(positions) + 1
         self._ensure_cache(n, kv_len)
         last = [s.token_ids[-1] for s in self.running]
-        if self._compiled_step is not None and static_decode_shapes(device):
+        if self._static_shapes:
             # Static shapes: rows padded to a power of two (the padding rows are free rows, their token at slot 0),
             # keys over the whole cache length.
             rows = min(1 << (n - 1).bit_length(), self.cache.batch_size)
@@ -499,7 +503,7 @@ class Scheduler:
         grown = KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device)
         # CUDA graphs write into the cache in place: its address is part of each graph (not so on CPU, where a static
         # address would let freezing take the cache for a constant)
-        if self.compile and static_decode_shapes(self.model.device):
+        if self._static_shapes:
             torch._dynamo.mark_static_address(grown.k)
             torch._dynamo.mark_static_address(grown.v)
         if cache is not None:
@@ -518,7 +522,8 @@ class Generator:
             compiled_decode_step(model)  # refuse untraceable weights now, not at the first step
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_batch: int = 16, compile: bool = False, **load_kwargs: Any) -> "Generator":
+    def from_pretrained(cls, name_or_path: str, max_batch: int = 16, compile: bool = False,
+                        **load_kwargs: Any) -> "Generator":
         """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
         int8/int4 with ``quantize=``, else fp32 weights through oneDNN on CPU: see ``codegen_lm.quantize``);
         the generator owns this model."""

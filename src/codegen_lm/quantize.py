@@ -18,8 +18,8 @@ larger matmuls are more tokens per second.
   are summed in pairs in int16 there, which 8 bits could overflow. fbgemm quantizes a whole activation matrix
   with one scale; to keep each row independent of the others (a request's output must not depend on what else
   is in the batch) every row is scaled to max |x| = 1 first and two anchor columns (+1, -1, with zero weights)
-  pin the matrix range to [-1, 1] whatever the batch holds. The oneDNN path quantizes the same way, so both compute the same integer
-  products and differ only in the rounding of the final float scaling (1 ulp).
+  pin the matrix range to [-1, 1] whatever the batch holds. The oneDNN path quantizes the same way, so both
+  compute the same integer products and differ only in the rounding of the final float scaling (1 ulp).
   PyTorch's weight-only ``_weight_int8pack_mm`` and torchao's int8 weight-only layers were 5-10× slower than
   fp32 here, so they are not used. A compiled decode step reaches fbgemm through the custom op
   ``codegen_lm::fbgemm_linear`` (its packed weights cannot be traced) and fuses the small ops around it.

@@ -459,7 +459,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     keys = load_api_keys(api_key_file)
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
-    # The same loading as every other command (on CPU, fp32 weights repacked for faster matmuls).
+    # The same loading as every other command (on CPU, fp32 weights through oneDNN's matmul).
     generator = Generator.from_pretrained(model, max_batch, compile, dtype=dtype, device=device or "auto", quantize=quantize)
     scheduler = generator.scheduler()
     config = ServerConfig(served_model_name or model, keys, max_batch, max_queue, limits or P.Limits())
