@@ -315,6 +315,29 @@ def test_compiled_int8_decode_agrees_with_eager_int8():
     assert max(errors) < 0.04 and sorted(errors)[len(errors) // 2] < 1e-5
 
 
+@pytest.mark.slow
+def test_warm_up_compiles_every_graph_that_later_batches_need():
+    """After ``Generator.warm_up`` the compiled CPU step takes requests joining, leaving and aborted, more rows, one
+    row of a larger cache and a longer cache without compiling again (each compile stalls every running request),
+    and still gives each request what it gets alone."""
+    from torch._dynamo.utils import counters
+
+    model = prepare_for_inference(build_model(seed=5))
+    torch._dynamo.reset()
+    try:
+        assert Generator(model, None, max_batch=4, compile=True).warm_up() >= 4
+        compiled_before = counters["stats"]["unique_graphs"]
+        run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
+        long_prompt, params = list(range(60)), SamplingParams(max_new_tokens=30, ignore_eos=True)
+        alone_in_larger_cache = Generator(model, None, max_batch=4, compile=True).complete([long_prompt], params)
+        assert counters["stats"]["unique_graphs"] == compiled_before
+        assert alone_in_larger_cache == Generator(model, None).complete([long_prompt], params)
+    finally:
+        model.__dict__.pop("_idle_caches", None)
+        model.__dict__.pop("_compiled_decode_step", None)
+        torch._dynamo.reset()
+
+
 def test_compile_refuses_int4_weights_packed_for_the_cpu():
     model = prepare_for_inference(build_model(n_embd=128, n_head=8), "int4")
     with pytest.raises(ValueError, match="compile needs weights that torch.compile can trace.*Linear"):

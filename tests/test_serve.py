@@ -485,18 +485,20 @@ def test_hostile_clients_leave_memory_at_baseline(srv):
 
 
 @pytest.mark.slow
-def test_cli_serves_and_shuts_down_gracefully(checkpoint, tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cli_serves_and_shuts_down_gracefully(checkpoint, tmp_path, compile):
+    """``serve`` from the command line; with ``--compile`` it compiles the decode step before it takes requests."""
     keys = tmp_path / "keys"
     keys.write_text(KEY + "\n")
     port = free_port()
     env = {**os.environ, "CODEGEN_LM_API_KEYS": ""}
     process = subprocess.Popen(
         [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(checkpoint), "--port", str(port),
-         "--api-key-file", str(keys), "--served-model-name", MODEL],
+         "--api-key-file", str(keys), "--served-model-name", MODEL] + ["--compile"] * compile,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (240 if compile else 60)
         while True:
             assert process.poll() is None, process.stdout.read()
             try:
@@ -518,6 +520,7 @@ def test_cli_serves_and_shuts_down_gracefully(checkpoint, tmp_path):
         assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         output = process.stdout.read()
         assert "Application shutdown complete" in output and KEY not in output
+        assert ("decode graphs in" in output) == compile
     finally:
         if process.poll() is None:
             process.kill()

@@ -32,7 +32,8 @@ DTYPE_OPTION = typer.Option("auto", "--dtype", help="fp32, bf16, fp16, or auto (
 DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, or auto.")
 QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Weight-only quantization: int8 or int4.")
 COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the decode step (torch.compile: CUDA graphs on a GPU, a "
-                              "frozen C++ graph on CPU, not for int4); the first steps compile, a minute or more on CPU.")
+                              "frozen C++ graph on CPU, not for int4); the first steps compile, a minute or more on CPU "
+                              "(serve compiles before it takes requests).")
 
 STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
 

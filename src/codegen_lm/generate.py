@@ -536,6 +536,20 @@ class Generator:
     def scheduler(self) -> Scheduler:
         return Scheduler(self.model, self.tokenizer, self.max_batch, compile=self.compile)
 
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Compile the decode step (``compile=True``) for the kinds of batch a server meets, before any request waits
+        for a compile: one row, rows of different lengths (masked attention), one row of a larger cache, equal rows.
+        On CPU the shapes turn symbolic on the way, so later batch sizes and lengths reuse these graphs (tested). CUDA
+        graphs are made per padded row count and cache size, so a larger batch or cache still compiles at its first
+        step. Returns how many graphs were compiled."""
+        from torch._dynamo.utils import counters
+
+        compiled_before = counters["stats"]["unique_graphs"]
+        for prompts in ([[0] * 4], [[0] * 4, [0] * 6], [[0] * 4], [[0] * 4] * 2):
+            self.complete(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
+        return counters["stats"]["unique_graphs"] - compiled_before
+
     def complete(
         self, prompts: SequenceT[str | list[int]], params: SamplingParams, on_output: Any = None
     ) -> list[list[Completion]]:

@@ -461,6 +461,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
     # The same loading as every other command (on CPU, fp32 weights through oneDNN's matmul).
     generator = Generator.from_pretrained(model, max_batch, compile, dtype=dtype, device=device or "auto", quantize=quantize)
+    if compile:  # before the first request, which would otherwise wait for the compiles (and everyone behind it)
+        from rich.console import Console
+
+        console, started = Console(stderr=True), time.perf_counter()
+        with console.status("compiling the decode step for the batch shapes a server meets (a minute or more on CPU)"):
+            graphs = generator.warm_up()
+        console.print(f"compiled {graphs} decode graphs in {time.perf_counter() - started:.0f} s")
     scheduler = generator.scheduler()
     config = ServerConfig(served_model_name or model, keys, max_batch, max_queue, limits or P.Limits())
     uvicorn.run(create_app(scheduler, config), host=host, port=port, log_level=log_level,
