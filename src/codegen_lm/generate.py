@@ -538,11 +538,13 @@ class Generator:
 
     @torch.inference_mode()
     def warm_up(self) -> int:
-        """Compile the decode step (``compile=True``) for the kinds of batch a server meets, before any request waits
-        for a compile: one row, rows of different lengths (masked attention), one row of a larger cache, equal rows.
+        """With ``compile=True``, compile the decode step for the kinds of batch a server meets before any request
+        waits for a compile: one row, rows of different lengths (masked attention), one row of a larger cache, equal rows.
         On CPU the shapes turn symbolic on the way, so later batch sizes and lengths reuse these graphs (tested). CUDA
         graphs are made per padded row count and cache size, so a larger batch or cache still compiles at its first
         step. Returns how many graphs were compiled."""
+        if not self.compile:
+            return 0
         from torch._dynamo.utils import counters
 
         compiled_before = counters["stats"]["unique_graphs"]
