@@ -3,6 +3,7 @@ mask-free aligned attention, sort-free sampling, incremental detokenization and 
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -220,6 +221,18 @@ def test_scheduler_mixed_requests_joining_leaving_and_aborted_get_what_they_get_
 # --- the compiled decode step ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def fresh_compiles(model):
+    """dynamo's caches empty before; after, the model's compiled step and idle caches gone (tests share models)."""
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_idle_caches", None)
+        model.__dict__.pop("_compiled_decode_step", None)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("static", [True, False], ids=["static-shapes", "live-shapes"])
 def test_compiled_decode_steps_give_each_request_what_it_gets_alone(model, monkeypatch, static):
     """The compiled path under the same joins, leaves and abort, with the static shapes of CUDA graphs (rows padded
@@ -237,8 +250,7 @@ def test_compiled_decode_steps_give_each_request_what_it_gets_alone(model, monke
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     monkeypatch.setattr("codegen_lm.generate.static_decode_shapes", lambda device: static)
-    torch._dynamo.reset()
-    try:
+    with fresh_compiles(model):
         run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
         if static:  # 3 running rows ran as 4, keys over all slots
             assert (4, True) in shapes and all(whole for _, whole in shapes)
@@ -249,10 +261,6 @@ def test_compiled_decode_steps_give_each_request_what_it_gets_alone(model, monke
         generator = Generator(model, None, max_batch=4, compile=True)
         assert len(generator.complete([[1, 2, 3]], SamplingParams(max_new_tokens=3))[0][0].token_ids) == 3
         assert model.__dict__["_idle_caches"] == [cache]
-    finally:
-        model.__dict__.pop("_idle_caches", None)
-        model.__dict__.pop("_compiled_decode_step", None)
-        torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -269,16 +277,11 @@ def test_compiled_decode_equals_eager_decode(monkeypatch, packed):
     assert {m.packed for m in model.modules() if isinstance(m, OneDNNLinear)} == {packed}
     prompts = [list(range(3, 13)), list(range(40, 50))]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
-    torch._dynamo.reset()
-    try:
+    with fresh_compiles(model):
         compiled, sources = run_and_get_code(lambda: Generator(model, None, compile=True).complete(prompts, params))
         (cache,) = model.__dict__["_idle_caches"]
         layer_numel = cache.k[0].numel()
         assert sources and not any(re.search(rf"<static_cast<int64_t>\({layer_numel}L\)", s) for s in sources)
-    finally:
-        model.__dict__.pop("_idle_caches", None)
-        model.__dict__.pop("_compiled_decode_step", None)
-        torch._dynamo.reset()
     eager = Generator(model, None).complete(prompts, params)
     for c, e in zip(compiled, eager):
         assert c[0].token_ids == e[0].token_ids
@@ -295,11 +298,10 @@ def test_compiled_int8_decode_agrees_with_eager_int8():
     from codegen_lm.generate import compiled_decode_step
 
     model = prepare_for_inference(build_model(seed=7, n_embd=128, n_head=8), "int8")
-    step = compiled_decode_step(model)
     cache = KVCache(model.config, 1, 32, torch.float32, "cpu")
     errors = []
-    torch._dynamo.reset()
-    try:
+    with fresh_compiles(model):
+        step = compiled_decode_step(model)
         with torch.inference_mode():
             model.logits_cached(torch.tensor([list(range(3, 15))]), torch.arange(12)[None], cache, slice(0, 1), 12, aligned=True)
             for position in range(12, 20):
@@ -308,9 +310,6 @@ def test_compiled_int8_decode_agrees_with_eager_int8():
                 eager = model.logits_cached(token, where, shadow, slice(0, 1), position + 1, aligned=True)
                 compiled = step(token, where, cache, slice(0, 1), position + 1, aligned=True)
                 errors.append(float((compiled - eager).abs().max() / eager.abs().max()))
-    finally:
-        model.__dict__.pop("_compiled_decode_step", None)
-        torch._dynamo.reset()
     print("compiled vs eager int8, relative logit error per step:", [f"{e:.1e}" for e in errors])
     assert max(errors) < 0.04 and sorted(errors)[len(errors) // 2] < 1e-5
 
@@ -323,8 +322,7 @@ def test_warm_up_compiles_every_graph_that_later_batches_need():
     from torch._dynamo.utils import counters
 
     model = prepare_for_inference(build_model(seed=5))
-    torch._dynamo.reset()
-    try:
+    with fresh_compiles(model):
         assert Generator(model, None, max_batch=4, compile=True).warm_up() >= 4
         compiled_before = counters["stats"]["unique_graphs"]
         run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
@@ -332,10 +330,6 @@ def test_warm_up_compiles_every_graph_that_later_batches_need():
         alone_in_larger_cache = Generator(model, None, max_batch=4, compile=True).complete([long_prompt], params)
         assert counters["stats"]["unique_graphs"] == compiled_before
         assert alone_in_larger_cache == Generator(model, None).complete([long_prompt], params)
-    finally:
-        model.__dict__.pop("_idle_caches", None)
-        model.__dict__.pop("_compiled_decode_step", None)
-        torch._dynamo.reset()
 
 
 def test_compile_refuses_int4_weights_packed_for_the_cpu():
