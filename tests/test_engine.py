@@ -12,7 +12,8 @@ import transformers
 from conftest import build_model
 
 from codegen_lm import AutoTokenizer
-from codegen_lm.generate import Generator, SamplingParams, Scheduler, TextStream, nucleus_floor, sample
+from codegen_lm.generate import (GenerationError, Generator, SamplingParams, Scheduler, TextStream, draw_uniforms,
+                                 nucleus_floor, sample)
 from codegen_lm.model import KVCache, apply_rotary, rotate_
 from codegen_lm.quantize import OneDNNLinear, prepare_for_inference
 
@@ -148,12 +149,12 @@ def test_sampling_frequencies_follow_the_truncated_distribution():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
     params = [SamplingParams(temperature=1.0, top_p=0.8)]  # keeps 0.5, 0.2, 0.15 (0.7 before the third < 0.8)
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([sample(logits[None].clone(), params, [g]) for _ in range(4000)]), minlength=5)
+    counts = torch.bincount(torch.cat([sample(logits[None].clone(), params, draw_uniforms(params, [g])) for _ in range(4000)]), minlength=5)
     expected = torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85
     assert counts[3:].sum() == 0
     torch.testing.assert_close(counts.float() / 4000, expected, atol=0.03, rtol=0)
     top_k = [SamplingParams(temperature=1.0, top_k=2)]
-    picks = torch.cat([sample(logits[None].clone(), top_k, [g]) for _ in range(500)])
+    picks = torch.cat([sample(logits[None].clone(), top_k, draw_uniforms(top_k, [g])) for _ in range(500)])
     assert set(picks.tolist()) == {0, 1}
 
 
@@ -161,8 +162,9 @@ def test_mixed_batch_rows_sample_as_alone():
     logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
     params = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.3, top_k=5),
               SamplingParams(temperature=1.0, top_k=50, top_p=0.3)]
-    batched = sample(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(4)])
-    alone = [int(sample(logits[i : i + 1].clone(), [params[i]], [torch.Generator().manual_seed(i)])) for i in range(4)]
+    batched = sample(logits.clone(), params, draw_uniforms(params, [torch.Generator().manual_seed(i) for i in range(4)]))
+    alone = [int(sample(logits[i : i + 1].clone(), [params[i]], draw_uniforms([params[i]], [torch.Generator().manual_seed(i)])))
+             for i in range(4)]
     assert batched.tolist() == alone
     assert batched[0] == logits[0].argmax()
 
@@ -354,7 +356,10 @@ def test_batch_one_holds_one_cache_row(model):
         ([], {}, "prompt is empty"),
         ([1] * 250, dict(max_new_tokens=10), "exceeds the model's 256 positions"),
         ([1, 2], dict(n=0), "n must be at least 1"),
-        ([1, 2], dict(temperature=-0.5), "temperature must be >= 0"),
+        ([1, 2], dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        ([1, 2], dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        ([1, 2], dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        ([1, 2], dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
         ([1, 2], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         ([1, 2], dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
         ([1, 2], dict(top_k=-1), "top_k must be >= 0"),
@@ -416,3 +421,133 @@ def test_generator_stream_pieces_join_to_the_completion(tiny_checkpoint, tokeniz
     completion = generator.complete(["s = '你好"], params)[0][0]
     assert "".join(pieces) == completion.text == tokenizer.decode(completion.token_ids)
     assert all("\ufffd" not in p for p in pieces[:-1])
+
+
+# --- extreme settings, and one request's failure ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-40, 1.0), (2e-38, 1.0), (9e-6, 1.0), (0.8, 5e-324), (0.8, 1e-46),
+                                               (1.5, 1e-12), (2e-38, 7e-46)])
+def test_temperatures_and_top_p_that_underflow_pick_the_top_token(temperature, top_p):
+    """What the server's fuzzer found: in fp32 these underflowed (a padding row or index -1 was picked). Below 1e-5 a
+    temperature is greedy; a top_p below the top token's probability keeps that token alone."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    logits[:, 900:] = float("-inf")  # padding rows, as the scheduler masks them
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i) for i in range(6)]
+    draws = draw_uniforms(params, [torch.Generator().manual_seed(i) for i in range(6)])
+    assert sample(logits.clone(), params, draws).tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_draw_at_the_top_of_the_range_stays_in_the_nucleus():
+    logits = torch.randn(256, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    logits[:, 900:] = float("-inf")
+    params = [SamplingParams(temperature=1.0, top_p=p) for p in torch.linspace(0.05, 1.0, 256).tolist()]
+    picked = sample(logits.clone(), params, torch.full((256,), 1 - 2**-24))  # the largest fp32 draw below 1
+    probs = logits.softmax(-1)
+    floors = nucleus_floor(probs, torch.tensor([p.top_p for p in params]))
+    assert (probs.gather(1, picked[:, None]).squeeze(1) >= floors).all() and (picked < 900).all()
+
+
+POISON = 999  # a prompt holding this id gets NaN logits
+FAILING_POSITION = 43  # a row decoding this position gets NaN logits (only the 40-token prompt reaches it)
+
+
+@pytest.fixture
+def failing_model(model, monkeypatch):
+    clean = model.logits_cached
+
+    def logits_cached(input_ids, positions, *args, **kwargs):
+        logits = clean(input_ids, positions, *args, **kwargs)
+        logits[(input_ids == POISON).any(-1) | (positions[:, -1] == FAILING_POSITION)] = float("nan")
+        return logits
+
+    monkeypatch.setattr(model, "logits_cached", logits_cached)
+    return model
+
+
+def collect(scheduler: Scheduler) -> dict[str, dict[int, list[int]] | str]:
+    got: dict = {}
+    while scheduler.has_unfinished():
+        for o in scheduler.step():
+            if o.error is not None:
+                got[o.request_id] = o.error
+            elif not isinstance(got.get(o.request_id, {}), str):
+                got.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.token_ids)
+    return got
+
+
+HEALTHY = {"greedy": (list(range(1, 9)), SamplingParams(max_new_tokens=12, ignore_eos=True)),
+           "sampled": (list(range(20, 30)), SamplingParams(max_new_tokens=10, temperature=0.9, top_k=5, seed=1, n=2,
+                                                           ignore_eos=True))}
+
+
+def test_a_request_with_nan_logits_fails_alone(model, failing_model):
+    alone = {}
+    for name, request in HEALTHY.items():
+        scheduler = Scheduler(model, None)
+        scheduler.add_request(*request, request_id=name)
+        alone[name] = collect(scheduler)[name]
+    scheduler = Scheduler(failing_model, None, max_batch=4)
+    scheduler.add_request([5, 6, POISON, 7], SamplingParams(max_new_tokens=10, n=2), "poisoned")  # at its prefill
+    scheduler.add_request(list(range(200, 240)), SamplingParams(max_new_tokens=20, ignore_eos=True), "late")  # mid-way
+    for name, request in HEALTHY.items():
+        scheduler.add_request(*request, request_id=name)
+    got = collect(scheduler)
+    assert got["poisoned"] == got["late"] == "the model's logits hold NaN or inf"
+    assert {name: got[name] for name in HEALTHY} == alone  # the samples waiting for a row went too: n=2 > max_batch
+    assert not scheduler.requests and scheduler.cache is not None
+    scheduler.add_request(*HEALTHY["greedy"], request_id="after")  # the scheduler goes on
+    assert collect(scheduler)["after"] == alone["greedy"]
+    with pytest.raises(GenerationError, match="generating for prompt 1 failed: the model's logits hold NaN"):
+        Generator(failing_model, None).complete([[1, 2, 3], [4, POISON]], SamplingParams(max_new_tokens=3))
+
+
+def test_a_request_whose_sampling_raises_fails_alone(model, monkeypatch):
+    import codegen_lm.generate as engine
+
+    def alone(name):
+        scheduler = Scheduler(model, None)
+        scheduler.add_request(*HEALTHY[name], request_id=name)
+        return collect(scheduler)[name]
+
+    expected = {name: alone(name) for name in HEALTHY}
+    clean = engine.sample
+
+    def sample(logits, params, draws):  # top_k 7 marks the request whose sampling breaks
+        if any(p.top_k == 7 for p in params):
+            raise IndexError("index -1 is out of bounds")
+        return clean(logits, params, draws)
+
+    monkeypatch.setattr(engine, "sample", sample)
+    scheduler = Scheduler(model, None)
+    scheduler.add_request([3, 4], SamplingParams(max_new_tokens=5, temperature=1.0, top_k=7), "broken")
+    for name, request in HEALTHY.items():
+        scheduler.add_request(*request, request_id=name)
+    got = collect(scheduler)
+    assert got["broken"] == "sampling failed (IndexError: index -1 is out of bounds)"
+    assert {name: got[name] for name in HEALTHY} == expected
+
+
+def test_a_request_whose_text_fails_fails_alone(tiny_checkpoint, tokenizer, monkeypatch):
+    generator = Generator.from_pretrained(str(tiny_checkpoint))
+    prompts = {"greedy": "def f(x):\n", "sampled": "import os\n"}
+    params = {"greedy": SamplingParams(max_new_tokens=15), "sampled": SamplingParams(max_new_tokens=15, temperature=0.8,
+                                                                                       top_k=5, seed=2)}
+    expected = {name: generator.complete([prompts[name]], params[name])[0][0].token_ids for name in prompts}
+    clean = TextStream.add
+
+    def add(self, token_id):
+        if "@@" in self.stop and len(self.ids) >= 4:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return clean(self, token_id)
+
+    monkeypatch.setattr(TextStream, "add", add)
+    scheduler = generator.scheduler()
+    scheduler.add_request("x = 1\n", SamplingParams(max_new_tokens=15, stop=["@@"]), "broken")
+    for name in prompts:
+        scheduler.add_request(prompts[name], params[name], name)
+    got = collect(scheduler)
+    assert got["broken"].startswith("processing its text failed (UnicodeDecodeError")
+    assert {name: got[name][0] for name in prompts} == expected
+    with pytest.raises(GenerationError, match="generation failed: processing its text failed"):
+        list(generator.stream("x = 1\n", SamplingParams(max_new_tokens=15, stop=["@@"])))

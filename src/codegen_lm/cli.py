@@ -332,9 +332,13 @@ def serve_command(
     max_n: int = typer.Option(16, "--max-n", help="Largest n (completions per prompt) a request may ask for."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds a request may take in all."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted."),
-    max_connections: int = typer.Option(256, "--max-connections", help="Open connections before answering 503."),
+    max_connections: int = typer.Option(1024, "--max-connections", help="Open connections at most; past it a new one "
+                                        "evicts the one that has waited longest for its request headers."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a connection may take to send a "
+                                         "request's headers before it is closed (slow clients)."),
     shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", help="Seconds in-flight requests get to "
-                                           "finish after SIGTERM/Ctrl-C."),
+                                           "finish after SIGTERM/Ctrl-C (meanwhile /health answers 503); then they end "
+                                           "with an error."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve a model over HTTP: OpenAI- and FauxPilot-compatible completions and chat, metrics, and a playground
@@ -344,7 +348,8 @@ def serve_command(
     limits = Limits(max_tokens=max_tokens, max_n=max_n, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     serve(model, host, port, served_model_name=served_model_name, quantize=quantize, compile=compile, dtype=dtype,
           device=device, api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
-          max_connections=max_connections, shutdown_timeout=shutdown_timeout, log_level=log_level)
+          max_connections=max_connections, header_timeout=header_timeout, shutdown_timeout=shutdown_timeout,
+          log_level=log_level)
 
 
 @app.command("chat")

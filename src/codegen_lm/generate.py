@@ -10,6 +10,7 @@ it produces does not depend on what else is in the batch (up to float rounding b
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence as SequenceT
@@ -19,11 +20,16 @@ from typing import Any, Callable
 import torch
 
 from .model import CodeGenForCausalLM, KVCache
+from .tokenizer import CODEGEN_TOKENS
+
+
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM): softmax(logits / T) is one-hot up to rounding
 
 
 @dataclass
 class SamplingParams:
-    """How to sample one request. ``temperature`` 0 means greedy."""
+    """How to sample one request. ``temperature`` 0 (or anything below ``GREEDY_TEMPERATURE``) means greedy; a
+    ``top_p`` below the most probable token's probability keeps only that token."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -41,7 +47,7 @@ class SamplingParams:
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1 (got {self.max_new_tokens})"),
             (self.n >= 1, f"n must be at least 1 (got {self.n})"),
-            (self.temperature >= 0, f"temperature must be >= 0, 0 for greedy (got {self.temperature})"),
+            (0 <= self.temperature < math.inf, f"temperature must be a finite number >= 0, 0 for greedy (got {self.temperature})"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
             (self.top_k >= 0, f"top_k must be >= 0, 0 for no limit (got {self.top_k})"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
@@ -52,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -74,15 +80,28 @@ class SequenceOutput:
     text: str  # new text since the last output (never a partial character or part of a stop string)
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None
-    completion: Completion | None = None  # set when finished
+    finish_reason: str | None = None  # "error" when the request failed (``error`` says why)
+    completion: Completion | None = None  # set when finished (not for "error")
+    error: str | None = None
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+class GenerationError(RuntimeError):
+    """A request failed while its tokens were processed (non-finite logits, sampling, decoding, stop strings). The
+    scheduler ends that request alone; every other request goes on as if it had never come."""
+
+
+def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One uniform draw ``[b]`` per sampled row from its own generator (0 for greedy rows, which draw nothing).
+    Drawn before any sampling arithmetic, so that a row can be sampled again, alone, with the same draw."""
+    return torch.stack([torch.zeros(()) if p.greedy else torch.rand((), generator=g) for p, g in zip(params, generators)])
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor) -> torch.Tensor:
     """One token per row of fp32 ``logits`` ``[b, vocab]``: argmax for greedy rows; else softmax(logits / T)
     restricted to the top-k tokens and to the top-p nucleus, then inverse-CDF sampling (in vocabulary order)
-    with one uniform draw from the row's own generator. Nothing here sorts the vocabulary: a full sort of
-    50k probabilities per row and step costs more than the rest of sampling together."""
+    at the row's uniform draw (``draw_uniforms``). Nothing here sorts the vocabulary: a full sort of 50k
+    probabilities per row and step costs more than the rest of sampling together. Rows are independent: a row
+    gets the same token whatever else is in the batch."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
     tokens = logits.argmax(dim=-1) if len(rows) < len(params) else logits.new_zeros(len(params), dtype=torch.long)
     if not rows:
@@ -101,9 +120,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         nucleus = nucleus_floor(probs, torch.tensor(top_p, dtype=probs.dtype, device=device))
         floor = torch.maximum(floor, nucleus)
     cdf = torch.where(probs >= floor[:, None], probs, 0).cumsum(dim=-1)
-    draws = torch.stack([torch.rand((), generator=generators[i], dtype=cdf.dtype) for i in rows]).to(device)
-    picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
-    tokens[rows] = picked.squeeze(1)
+    total = cdf[:, -1:].contiguous()
+    picked = torch.searchsorted(cdf, draws[rows].to(device=device, dtype=cdf.dtype)[:, None] * total, right=True)
+    # A draw that rounds up to the total would land past the last kept token (on a padding row, say): stop there.
+    last_kept = torch.searchsorted(cdf, total)
+    tokens[rows] = torch.minimum(picked, last_kept).squeeze(1)
     return tokens
 
 
@@ -117,7 +138,8 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 64
     rows = probs.shape[0]
     floor = torch.zeros(rows, dtype=probs.dtype, device=probs.device)
     ranked = probs.topk(min(candidates, probs.shape[-1]), dim=-1).values
-    kept = ((ranked.cumsum(dim=-1) - ranked) < top_p[:, None]).sum(dim=-1)  # always >= 1
+    # The most probable token is always kept, even where top_p is below float precision (5e-324 becomes 0 in fp32).
+    kept = ((ranked.cumsum(dim=-1) - ranked) < top_p[:, None]).sum(dim=-1).clamp_(min=1)
     settled = kept < ranked.shape[-1]
     floor = torch.where(settled, ranked.gather(1, (kept - 1)[:, None]).squeeze(1), floor)
     flat = (~settled & (top_p < 1)).nonzero().squeeze(1).tolist()
@@ -286,8 +308,10 @@ class Scheduler:
         self._static_shapes = compile and static_decode_shapes(model.device)  # CUDA graphs: see _decode
         self.config = model.config
         self.eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        # Released models have 51200 logit rows for 50295 tokens: the padding rows must never be sampled.
-        self.vocab_limit = min(len(tokenizer), self.config.vocab_size) if tokenizer is not None else self.config.vocab_size
+        # Released models have 51200 logit rows for 50295 tokens: the padding rows must never be sampled. Without a
+        # tokenizer (id-level generation) the CodeGen tokenizer's size is the limit.
+        tokens = len(tokenizer) if tokenizer is not None else CODEGEN_TOKENS
+        self.vocab_limit = min(tokens, self.config.vocab_size)
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
@@ -449,9 +473,65 @@ class Scheduler:
         return self._append_all(self.running, logits)
 
     def _append_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
+        """Sample a token for each of ``seqs`` from its row of ``logits`` and add it. A sequence whose logits, sampling
+        or text fail ends its request with an error output; the others get exactly what they would have got without it
+        (sampling is row-independent, and every draw is taken before any arithmetic)."""
         logits[:, self.vocab_limit :] = float("-inf")
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs]).tolist()
-        return [self._append(seq, token, row_logits) for seq, token, row_logits in zip(seqs, tokens, logits)]
+        params = [s.request.params for s in seqs]
+        draws = draw_uniforms(params, [s.generator for s in seqs])
+        finite = torch.isfinite(logits[:, : self.vocab_limit]).all(dim=-1).tolist()
+        failed = {i: "the model's logits hold NaN or inf" for i, ok in enumerate(finite) if not ok}
+        tokens = self._sample(logits, params, draws, failed)
+        outputs = [out for i in sorted(failed) for out in self._fail_request(seqs[i].request, failed[i])]
+        for seq, token, row_logits in zip(seqs, tokens, logits):
+            if seq.finish_reason is not None:  # failed above, or a sibling did
+                continue
+            try:
+                outputs.append(self._append(seq, token, row_logits))
+            except Exception as e:  # detokenizing, stop strings: this sequence's own text
+                outputs.extend(self._fail_request(seq.request, f"processing its text failed ({type(e).__name__}: {e})"))
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor,
+                failed: dict[int, str]) -> list[int | None]:
+        """``sample`` over the rows not in ``failed``; rows that make it raise, or that pick a token outside the
+        vocabulary, join ``failed`` and the rest are sampled again without them."""
+        tokens: list[int | None] = [None] * len(params)
+        ok = [i for i in range(len(params)) if i not in failed]
+        for attempt in range(2):
+            if not ok:
+                return tokens
+            try:
+                rows = logits if len(ok) == len(params) else logits[ok]
+                picked = sample(rows, [params[i] for i in ok], draws[ok]).tolist()
+                break
+            except Exception:
+                if attempt:
+                    raise
+                for i in ok:  # find the rows that fail on their own
+                    try:
+                        sample(logits[i : i + 1], [params[i]], draws[i : i + 1])
+                    except Exception as e:
+                        failed[i] = f"sampling failed ({type(e).__name__}: {e})"
+                ok = [i for i in ok if i not in failed]
+        for i, token in zip(ok, picked):
+            if 0 <= token < self.vocab_limit:
+                tokens[i] = token
+            else:
+                failed[i] = f"sampling picked token {token}, outside the vocabulary of {self.vocab_limit}"
+        return tokens
+
+    def _fail_request(self, request: _Request, message: str) -> list[SequenceOutput]:
+        """End every unfinished sequence of ``request`` with an error output (their rows are freed after the step)."""
+        outputs = []
+        for seq in [s for s in self.running if s.request is request and s.finish_reason is None]:
+            seq.finish_reason = "error"
+            outputs.append(SequenceOutput(request.id, seq.index, "", [], True, "error", error=message))
+        waiting = [s for s in self.waiting if s.request is request]
+        self.waiting = deque(s for s in self.waiting if s.request is not request)
+        request.waiting -= len(waiting)
+        outputs += [SequenceOutput(request.id, s.index, "", [], True, "error", error=message) for s in waiting]
+        return outputs
 
     def _append(self, seq: _Sequence, token: int, logits: torch.Tensor) -> SequenceOutput:
         params = seq.request.params
@@ -555,12 +635,15 @@ class Generator:
     def complete(
         self, prompts: SequenceT[str | list[int]], params: SamplingParams, on_output: Any = None
     ) -> list[list[Completion]]:
-        """``params.n`` completions of each prompt; ``on_output(SequenceOutput)`` sees every step (progress)."""
+        """``params.n`` completions of each prompt; ``on_output(SequenceOutput)`` sees every step (progress).
+        Raises ``GenerationError`` when a request fails."""
         scheduler = self.scheduler()
         ids = [scheduler.add_request(p, params, request_id=str(i)) for i, p in enumerate(prompts)]
         results: dict[tuple[str, int], Completion] = {}
         while scheduler.has_unfinished():
             for out in scheduler.step():
+                if out.error is not None:
+                    raise GenerationError(f"generating for prompt {out.request_id} failed: {out.error}")
                 if on_output is not None:
                     on_output(out)
                 if out.completion is not None:
@@ -575,6 +658,8 @@ class Generator:
         scheduler.add_request(prompt, params)
         while scheduler.has_unfinished():
             for out in scheduler.step():
+                if out.error is not None:
+                    raise GenerationError(f"generation failed: {out.error}")
                 if out.text:
                     yield out.text
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .generate import Generator, SamplingParams
+from .generate import GenerationError, Generator, SamplingParams
 from .hub import atomic_write_text
 from .tokenizer import truncate_before_pattern
 
@@ -156,6 +156,8 @@ def sample_codes(generator: Generator, prompt: str, params: SamplingParams, cutt
     request = scheduler.add_request(prompt, params)
     while scheduler.has_unfinished():
         for out in scheduler.step():
+            if out.error is not None:
+                raise GenerationError(f"generation failed: {out.error}")
             cutter = cutters[out.index]
             if cutter.done:
                 continue

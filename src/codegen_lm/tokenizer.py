@@ -26,6 +26,7 @@ DATA = Path(__file__).resolve().parent / "data"
 ENDOFTEXT = "<|endoftext|>"
 # Added after GPT-2's 50257 tokens, in this order: runs of 31..2 spaces (ids 50257..50286), 9..2 tabs.
 WHITESPACE_TOKENS = tuple(" " * n for n in range(31, 1, -1)) + tuple("\t" * n for n in range(9, 1, -1))
+CODEGEN_TOKENS = 50257 + len(WHITESPACE_TOKENS)  # GPT-2's BPE + whitespace runs: 50295 (of the checkpoints' 51200 rows)
 PATTERN_TIMEOUT_S = 1.0  # per caller regex in truncate_before_pattern
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # tokenizer_config.json keys we take from a checkpoint; the rest (tokenizer_class, name_or_path, ...) is metadata.

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from ..generate import Completion, Generator, Scheduler, SequenceOutput
 from ..session import CodeCutter, build_prompt
 from . import protocol as P
+from .connections import DrainingServer, http_config
 from .engine import Engine, EngineClosedError, Job, JobError, QueueFullError
 from .metrics import CountRequests, Metrics
 
@@ -121,10 +122,7 @@ class Server:
             raise _ClientGone() from None
         except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
             raise P.ApiError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s") from None
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise P.ApiError(400, f"the request body is not valid JSON ({e})") from None
+        return await asyncio.to_thread(P.loads, bytes(body))  # a megabyte of JSON must not stall other streams
 
     async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Token ids of each prompt (encoded off the event loop: a long prompt must not stall other streams)."""
@@ -183,7 +181,7 @@ class Server:
                 raise P.ApiError(504, f"the request did not finish within {self.limits.request_timeout:g} s; "
                                       "lower max_tokens or n") from None
             except JobError as e:
-                raise P.ApiError(400 if e.bad_request else 500, str(e)) from None
+                raise P.ApiError(e.status, str(e)) from None
         finally:
             work.cancel()
             watcher.cancel()
@@ -210,9 +208,11 @@ class Server:
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
         except asyncio.TimeoutError:
             self.metrics.aborted.labels("timeout").inc()
+            self.metrics.stream_errors.labels(endpoint, "timeout").inc()
             yield _sse(P.ApiError(504, f"the request did not finish within {self.limits.request_timeout:g} s").body())
         except JobError as e:
-            yield _sse(P.ApiError(400 if e.bad_request else 500, str(e)).body())
+            self.metrics.stream_errors.labels(endpoint, e.reason).inc()
+            yield _sse(P.ApiError(e.status, str(e)).body())
         except asyncio.CancelledError:
             self.metrics.aborted.labels("disconnect").inc()
             raise
@@ -450,13 +450,14 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,
           quantize: str | None = None, compile: bool = False, dtype: str | None = None, device: str | None = None,
           api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
-          limits: P.Limits | None = None, max_connections: int = 256, shutdown_timeout: float = 30.0,
-          log_level: str = "info") -> None:
-    """Load ``model`` and serve it with uvicorn until SIGINT/SIGTERM; in-flight requests get
-    ``shutdown_timeout`` seconds to finish, then end with an error event."""
-    import uvicorn
-
+          limits: P.Limits | None = None, max_connections: int = 1024, header_timeout: float = 10.0,
+          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Load ``model`` and serve it with uvicorn until SIGINT/SIGTERM. Shutting down drains first: ``/health`` answers
+    503 and in-flight requests get ``shutdown_timeout`` seconds to finish, then end with an error (see
+    ``connections``)."""
     keys = load_api_keys(api_key_file)
+    if shutdown_timeout < 0:
+        raise ValueError(f"the shutdown timeout must be >= 0 (got {shutdown_timeout:g} s)")
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
     # The same loading as every other command (on CPU, fp32 weights through oneDNN's matmul).
@@ -468,7 +469,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
         with console.status("compiling the decode step for the batch shapes a server meets (a minute or more on CPU)"):
             graphs = generator.warm_up()
         console.print(f"compiled {graphs} decode graphs in {time.perf_counter() - started:.0f} s")
-    scheduler = generator.scheduler()
     config = ServerConfig(served_model_name or model, keys, max_batch, max_queue, limits or P.Limits())
-    uvicorn.run(create_app(scheduler, config), host=host, port=port, log_level=log_level,
-                limit_concurrency=max_connections, timeout_graceful_shutdown=shutdown_timeout)
+    app = create_app(generator.scheduler(), config)
+    http = http_config(app, host, port, header_timeout=header_timeout, max_connections=max_connections,
+                       log_level=log_level)
+    DrainingServer(http, lambda: app.state.server.engine.drain(shutdown_timeout)).run()

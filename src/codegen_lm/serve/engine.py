@@ -39,11 +39,14 @@ class EngineClosedError(Exception):
 
 
 class JobError(Exception):
-    """A job could not finish: the scheduler rejected it, a step failed, or the server shut down."""
+    """A job could not finish: the scheduler rejected it (400), generation failed (500), or the server shut down
+    (503). ``reason`` labels it in the metrics."""
 
-    def __init__(self, message: str, bad_request: bool = False):
+    REASONS = {400: "bad_request", 500: "generation_error", 503: "shutdown"}
+
+    def __init__(self, message: str, status: int = 500):
         super().__init__(message)
-        self.bad_request = bad_request
+        self.status, self.reason = status, self.REASONS[status]
 
 
 @dataclass
@@ -145,11 +148,20 @@ class Engine:
             self._commands.put(("abort", rid))
         self._wake.set()
 
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, give the jobs still running up to ``timeout`` seconds to finish, then ``shutdown``."""
+        self.closed = True
+        deadline = time.monotonic() + timeout
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.shutdown()
+
     async def shutdown(self) -> None:
         """Refuse new work, end the jobs still running with an error, and stop the thread."""
         self.closed = True
         for job in {id(j): j for j in self.jobs.values()}.values():
-            job.queue.put_nowait(JobError("the server shut down before this request finished"))
+            job.queue.put_nowait(JobError("the server shut down before this request finished; retry on another "
+                                          "instance", status=503))
             self.abort(job)
         self._commands.put(("stop",))
         self._wake.set()
@@ -167,7 +179,10 @@ class Engine:
     def _dispatch(self, outputs: list[SequenceOutput]) -> None:
         for out in outputs:
             job = self.jobs.get(out.request_id)
-            if job is None:  # aborted while the step ran
+            if job is None:  # aborted (or failed) while the step ran
+                continue
+            if out.error is not None:  # this request alone failed; the scheduler goes on with the others
+                self._fail(out.request_id, JobError(f"generation failed for this request: {out.error}"))
                 continue
             job.queue.put_nowait(out)
             if out.finished:
@@ -206,7 +221,7 @@ class Engine:
             try:
                 self.scheduler.add_request(ids, params, request_id=rid)
             except ValueError as e:
-                self._post(self._fail, rid, JobError(str(e), bad_request=True))
+                self._post(self._fail, rid, JobError(str(e), status=400))
 
     def _run(self) -> None:
         with torch.inference_mode():  # the scheduler's cache tensors are inference tensors; abort() writes them

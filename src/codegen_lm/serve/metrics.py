@@ -31,6 +31,8 @@ class Metrics:
         self.prompt_tokens = Counter("codegen_prompt_tokens", "Prompt tokens accepted", registry=registry)
         self.generated_tokens = Counter("codegen_generation_tokens", "Tokens generated (all sequences)",
                                         registry=registry)
+        self.stream_errors = Counter("codegen_stream_errors", "Streams (status 200) that ended in an error event, "
+                                     "by reason", ["endpoint", "reason"], registry=registry)
         self.aborted = Counter("codegen_aborted_requests", "Requests ended early", ["reason"], registry=registry)
         self.latency = Histogram("codegen_request_duration_seconds", "Arrival to last token, finished requests",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)

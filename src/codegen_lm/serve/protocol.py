@@ -3,6 +3,7 @@ stream chunks built from scheduler outputs, and the OpenAI error shape."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -31,8 +32,7 @@ class Limits:
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+    TYPES = {401: "authentication_error", 429: "rate_limit_error"}  # other 4xx: invalid_request_error
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -41,28 +41,33 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        kind = self.TYPES.get(self.status, "server_error")
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 # -- requests --------------------------------------------------------------------------------------------
 
 
+# Strict types, as OpenAI's API checks them: "5", 5.0 and true are not integers, "0.5" is not a number, "yes" is not a
+# boolean. Clients send fields we do not use (user, ...): they are ignored.
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+    model_config = STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # below 1e-5 it is greedy (see SamplingParams)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)  # an extension (vLLM has it too); 0 = no limit
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     seed: int | None = Field(None, ge=0, lt=2**62)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
 
     @property
@@ -79,7 +84,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
@@ -100,6 +105,11 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+# What a union field takes, for a message that names the field rather than one of the union's members.
+UNION_FIELDS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+                "stop": "a string or a list of strings", "content": "a string or a list of content parts"}
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
     """Validate a JSON body; the first problem becomes a 400 naming the field."""
     if not isinstance(body, dict):
@@ -108,8 +118,61 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "body"
-        raise ApiError(400, f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
+        loc, message = list(first["loc"]), first["msg"]
+        for i, name in enumerate(loc[:-1]):  # the union member pydantic tried last is not what the client meant
+            if name in UNION_FIELDS and isinstance(loc[i + 1], str):
+                loc, message = loc[: i + 1], f"should be {UNION_FIELDS[name]}"
+                break
+        where = ".".join(map(str, loc)) or "body"
+        raise ApiError(400, f"{where}: {message}", param=str(loc[0]) if loc else None) from None
+
+
+MAX_DEPTH = 8  # no request field nests deeper than messages[i].content[j].text
+
+
+class _HugeInt(int):
+    """An integer literal too long to convert (Python refuses over 4300 digits): kept as its digit count."""
+
+
+def _parse_int(digits: str) -> int:
+    return int(digits) if len(digits) <= 64 else _HugeInt(len(digits))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def loads(body: bytes) -> Any:
+    """The body as JSON, with every value checked before any field is read: nesting at most ``MAX_DEPTH`` deep,
+    strings valid Unicode (a lone surrogate such as \\ud800 is not), integers at most 64 digits. Each problem is a
+    400 naming where it is."""
+    try:
+        value = json.loads(body, parse_int=_parse_int)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        problem = None
+        if len(path) > MAX_DEPTH:
+            problem = f"nested more than {MAX_DEPTH} levels deep"
+        elif isinstance(item, _HugeInt):
+            problem = f"an integer of {int(item)} digits is out of range"
+        elif isinstance(item, (str, dict)) and not all(map(_is_unicode, [item] if isinstance(item, str) else item)):
+            problem = "holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode"
+        if problem:
+            raise ApiError(400, f"{'.'.join(map(str, path)) or 'body'}: {problem}", param=str(path[0]) if path else None)
+        if isinstance(item, dict):
+            stack.extend((path + (k,), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(item))
+    return value
 
 
 def sampling_params(req: _Request, limits: Limits, max_tokens: int | None, default_max_tokens: int,
