@@ -6,8 +6,13 @@ without it (max batch 1: requests served one at a time, as by a server without a
 clients, one run). Every batching level runs ``--repeats`` times, the levels interleaved; figures are
 medians. Clients stop sending after ``--duration`` seconds and the level ends when their last request does.
 
+With ``--slow-clients N`` every level also runs (interleaved) while N slow-header clients hold connections open
+(each sends a request line and one header, then nothing, and reconnects once the server closes it): the server's
+peak memory and latency under that attack, against the same without it.
+
     python bench/serve_load.py                          # small + 350M shapes, 3 repeats
     python bench/serve_load.py --models small --duration 5 --repeats 1
+    python bench/serve_load.py --models small --unbatched "" --clients 8 --slow-clients 2000
 """
 
 from __future__ import annotations
@@ -47,19 +52,21 @@ PROMPTS = [
 
 def serve(shape: str, port: int, max_batch: int) -> None:
     import torch
-    import uvicorn
 
     from codegen_lm import CodeGenConfig, CodeGenForCausalLM
     from codegen_lm.generate import Scheduler
     from codegen_lm.serve import Limits, ServerConfig, create_app
+    from codegen_lm.serve.connections import DrainingServer, http_config
     from codegen_lm.tokenizer import AutoTokenizer
 
     torch.manual_seed(0)
     model = CodeGenForCausalLM(CodeGenConfig(vocab_size=51200, n_positions=2048, **SHAPES[shape])).eval()
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "src" / "codegen_lm" / "data")
     config = ServerConfig(f"random-{shape}", (), max_batch, max_queue=256, limits=Limits(request_timeout=600))
-    uvicorn.run(create_app(Scheduler(model, tokenizer, max_batch), config), host="127.0.0.1", port=port,
-                log_level="warning", access_log=False)
+    app = create_app(Scheduler(model, tokenizer, max_batch), config)
+    http = http_config(app, "127.0.0.1", port, log_level="warning")  # what `codegen-lm serve` runs
+    http.access_log = False
+    DrainingServer(http, lambda: app.state.server.engine.drain(30)).run()
 
 
 class Server:
@@ -108,6 +115,61 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class SlowClients:
+    """``count`` connections that send a request line and one header, then nothing; each is opened again once the
+    server has closed it (checked every second, so the attack does not turn into a busy loop of reconnects)."""
+
+    HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+
+    def __init__(self, port: int, count: int):
+        self.port, self.count, self.reopened = port, count, 0
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+
+    def _open(self) -> socket.socket | None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock.sendall(self.HEAD)
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            return None
+
+    def _closed(self, sock: socket.socket) -> bool:
+        try:
+            return sock.recv(65536) == b"" or self._closed(sock)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _hold(self) -> None:
+        while not self._stop.is_set():
+            alive = []
+            for sock in self._sockets:
+                if self._closed(sock):
+                    sock.close()
+                else:
+                    alive.append(sock)
+            missing = self.count - len(alive)
+            self.reopened += missing
+            alive += [s for s in (self._open() for _ in range(missing)) if s is not None]
+            self._sockets = alive
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> "SlowClients":
+        self._sockets = [s for s in (self._open() for _ in range(self.count)) if s is not None]
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self._sockets:
+            sock.close()
 
 
 # -- the clients -------------------------------------------------------------------------------------------
@@ -191,7 +253,11 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namespace) -> tuple[list[dict], int]:
+def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namespace
+            ) -> tuple[list[dict], int, list[dict]]:
+    """Median rows per level, the server's peak RSS, and (with ``--slow-clients``) the rows measured under attack."""
+    from contextlib import nullcontext
+
     from rich.progress import Progress
 
     with Server(shape, max_batch) as server:
@@ -199,15 +265,20 @@ def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namesp
         # Warm up: one full batch, so the KV cache has grown to its working size before anything is timed.
         asyncio.run(run_level(server.url, max_batch, 0.0, args.max_tokens, model))
         repeats = args.repeats if max_batch > 1 else 1  # one at a time is slow and steady: one run
-        runs: dict[int, list[dict]] = {clients: [] for clients in levels}
+        attacks = [0, args.slow_clients] if args.slow_clients and max_batch > 1 else [0]
+        runs: dict[tuple[int, int], list[dict]] = {(clients, slow): [] for clients in levels for slow in attacks}
         with Progress() as progress:
-            task = progress.add_task(f"{shape}, max batch {max_batch}", total=len(levels) * repeats)
+            task = progress.add_task(f"{shape}, max batch {max_batch}", total=len(runs) * repeats)
             for _ in range(repeats):  # levels interleaved, so a change in the machine's load hits them alike
-                for clients in levels:
-                    runs[clients].append(asyncio.run(run_level(server.url, clients, args.duration, args.max_tokens,
-                                                               model)))
+                for clients, slow in runs:
+                    with SlowClients(server.port, slow) if slow else nullcontext():
+                        server.peak_rss = 0  # (the sampler keeps the maximum from here on)
+                        row = asyncio.run(run_level(server.url, clients, args.duration, args.max_tokens, model))
+                        row["peak_rss_mb"] = server.peak_rss / 2**20
+                    runs[(clients, slow)].append(row)
                     progress.advance(task)
-        return [median_of(runs[clients]) for clients in levels], server.peak_rss
+        attacked = [median_of(runs[(clients, attacks[-1])]) for clients in levels] if len(attacks) > 1 else []
+        return [median_of(runs[(clients, 0)]) for clients in levels], server.peak_rss, attacked
 
 
 def plot(results: dict, path: Path) -> None:
@@ -249,6 +320,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--unbatched", default="small", help="shapes also served one at a time (max batch 1) "
                         "to 32 clients; a 350M run of that takes 32 x 64 tokens at batch 1, minutes")
+    parser.add_argument("--slow-clients", type=int, default=0, help="also run every level while this many slow-header "
+                        "clients hold connections (the server's limit is 1024), and compare")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve_load.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "serve_latency.png")
     parser.add_argument("--replot", type=Path, help="only redraw --plot from a results JSON written by --out")
@@ -268,13 +341,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     results: dict[tuple[str, bool], list[dict]] = {}
     peaks: dict[tuple[str, bool], int] = {}
+    attacked: dict[str, list[dict]] = {}
     for shape in args.models.split(","):
         duration = args.duration if args.duration is not None else (10.0 if shape == "small" else 30.0)
         level_args = argparse.Namespace(**{**vars(args), "duration": duration})
         for batching in (True, False) if shape in args.unbatched.split(",") else (True,):
             key = (shape, batching)
-            results[key], peaks[key] = measure(shape, args.max_batch if batching else 1,
-                                               levels if batching else [levels[-1]], level_args)
+            results[key], peaks[key], under_attack = measure(shape, args.max_batch if batching else 1,
+                                                             levels if batching else [levels[-1]], level_args)
+            if under_attack:
+                attacked[shape] = under_attack
 
     header = (f"{'model':6} {'server':14} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
               f"{'ttft p50':>8} {'ttft p99':>8} {'errors':>6} {'peak RSS':>9}")
@@ -286,6 +362,14 @@ def main() -> None:
                   f"{r['ttft_p50']:8.2f} {r['ttft_p99']:8.2f} {r['errors']:6d} {peaks[(shape, batching)] / 2**20:7.0f}MB")
             for e in r["error_samples"]:
                 print("   error:", e)
+    for shape, rows in attacked.items():
+        print(f"\n{shape}, batch {args.max_batch}: without / with {args.slow_clients} slow-header clients holding connections")
+        print(f"{'clients':>7} {'p50 s':>13} {'p99 s':>13} {'ttft p99 s':>13} {'peak RSS MB':>13} {'errors':>9}")
+        for clean, attack in zip(results[(shape, True)], rows):
+            pair = lambda key, fmt: f"{format(clean[key], fmt)} / {format(attack[key], fmt)}"
+            print(f"{clean['clients']:7d} {pair('latency_p50', '.2f'):>13} {pair('latency_p99', '.2f'):>13} "
+                  f"{pair('ttft_p99', '.2f'):>13} {pair('peak_rss_mb', '.0f'):>13} "
+                  f"{clean['errors']:>4d} / {attack['errors']:<4d}")
     ok = True
     for shape in args.models.split(","):
         rows = {r["clients"]: r for r in results[(shape, True)]}

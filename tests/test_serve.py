@@ -101,6 +101,22 @@ def test_stop_sequences(srv, generator):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_streamed_stop_strings_are_never_emitted_even_across_tokens(srv, generator):
+    prompt = "for i in range(10):\n"
+    [free] = alone(generator, prompt, max_new_tokens=40)
+    decode = generator.tokenizer.decode
+    # Stop strings that straddle a boundary between two generated tokens (so no single chunk holds them whole).
+    cuts = [len(decode(free.token_ids[:k])) for k in range(4, len(free.token_ids) - 4, 5)]
+    stops = [free.text[c - 2 : c + 2] for c in cuts if len(free.text[c - 2 : c + 2].strip()) == 4]
+    assert len(stops) >= 2
+    for stop in stops:
+        chunks = list(srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
+                                                    stream=True))
+        pieces = [c.choices[0].text for c in chunks if c.choices]
+        assert "".join(pieces) == free.text[: free.text.index(stop)], stop
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_logprobs_are_the_models(srv, generator):
     prompt = "def add(a, b):\n"
     r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
@@ -181,6 +197,39 @@ def test_metrics(srv):
                  "codegen_time_to_first_token_seconds_count"):
         assert name in text, name
     assert metric(srv, "codegen_generation_tokens_total") >= 3
+
+
+def test_openapi_document_holds_the_limits_and_describes_real_responses(srv):
+    import jsonschema
+
+    assert httpx.get(srv.url + "/openapi.json").status_code == 401
+    doc = httpx.get(srv.url + "/openapi.json", headers=srv.headers).json()
+    assert doc["openapi"].startswith("3.1") and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+    def errors(instance, name: str) -> list[str]:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(instance)]
+
+    body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1024, "n": 16, "stop": ["x"] * 4, "logprobs": 2}
+    assert errors(body, "CompletionRequest") == []
+    for change in ({"max_tokens": 1025}, {"n": 17}, {"stop": ["x"] * 5}, {"stop": "s" * 65}, {"prompt": ["a"] * 17},
+                   {"max_tokens": "5"}, {"temperature": 2.5}, {"top_p": 0}):
+        assert errors({**body, **change}, "CompletionRequest"), change
+    chat = {"messages": [{"role": "user", "content": "Print 1."}], "max_completion_tokens": 1024}
+    assert errors(chat, "ChatRequest") == [] and errors({**chat, "messages": chat["messages"] * 65}, "ChatRequest")
+
+    post = lambda path, **kw: httpx.post(srv.url + path, json={"model": MODEL, "max_tokens": 3, **kw}, headers=srv.headers)
+    assert errors(post("/v1/completions", prompt=["a", "b"], n=2, logprobs=1).json(), "CompletionResponse") == []
+    assert errors(post("/v1/chat/completions", messages=chat["messages"]).json(), "ChatCompletionResponse") == []
+    for path, kind, extra in (("/v1/completions", "CompletionResponse", {"prompt": "x", "echo": True}),
+                              ("/v1/chat/completions", "ChatCompletionChunk", {"messages": chat["messages"], "n": 2})):
+        text = post(path, stream=True, stream_options={"include_usage": True}, **extra).text
+        chunks = [json.loads(e[6:]) for e in text.split("\n\n") if e and e != "data: [DONE]"]
+        assert chunks and all(errors(c, kind) == [] for c in chunks), chunks
+    assert errors(post("/v1/completions", prompt="x", n=99).json(), "ErrorResponse") == []
+    assert errors(httpx.get(srv.url + "/v1/models", headers=srv.headers).json(), "ModelList") == []
+    assert errors(httpx.get(srv.url + "/health").json(), "Health") == []
+    assert errors({"status": "ok"}, "Health")  # (the check can fail)
 
 
 # -- security and validation -------------------------------------------------------------------------------

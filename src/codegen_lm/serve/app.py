@@ -24,12 +24,14 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from ..generate import Completion, Generator, Scheduler, SequenceOutput
 from ..session import CodeCutter, build_prompt
 from . import protocol as P
 from .connections import DrainingServer, http_config
 from .engine import Engine, EngineClosedError, Job, JobError, QueueFullError
 from .metrics import CountRequests, Metrics
+from .openapi import document as openapi_document
 
 log = logging.getLogger("codegen_lm.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -277,7 +279,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         yield
         await server.engine.shutdown()
 
-    app = FastAPI(title="codegen-lm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="codegen-lm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  version=__version__)
     app.state.server = server
     app.add_middleware(CountRequests, metrics=server.metrics)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -313,6 +316,12 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                 "running": engine.num_running, "waiting": engine.num_waiting, "pending": engine.pending,
                 "capacity": engine.capacity}
         return JSONResponse(body, status_code=503 if engine.closed else 200)
+
+    @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        if not hasattr(app.state, "openapi"):
+            app.state.openapi = openapi_document(app.openapi(), config.limits, bool(config.api_keys))
+        return JSONResponse(app.state.openapi)
 
     @app.get("/metrics", dependencies=[auth])
     async def metrics() -> Response:
