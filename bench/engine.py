@@ -78,7 +78,7 @@ def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]
     import torch
 
     from codegen_lm.checkpoint import load_model
-    from codegen_lm.generate import Generator, SamplingParams
+    from codegen_lm.engine import Generator, SamplingParams
 
     torch.set_num_threads(args.threads)
     # What Generator.from_pretrained does (the checkpoint has no tokenizer files).

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from codegen_lm.checkpoint import load_model
-from codegen_lm.generate import Generator, SamplingParams
+from codegen_lm.engine import Generator, SamplingParams
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def serve(shape: str, port: int, max_batch: int) -> None:
     import torch
 
     from codegen_lm import CodeGenConfig, CodeGenForCausalLM
-    from codegen_lm.generate import Scheduler
+    from codegen_lm.engine import Scheduler
     from codegen_lm.serve import Limits, ServerConfig, create_app
     from codegen_lm.serve.connections import DrainingServer, http_config
     from codegen_lm.tokenizer import AutoTokenizer

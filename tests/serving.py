@@ -17,7 +17,7 @@ import openai
 import torch
 
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
-from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.engine import Generator, SamplingParams, Scheduler
 from codegen_lm.serve import Limits, ServerConfig, create_app
 from codegen_lm.serve.connections import DrainingServer, http_config
 

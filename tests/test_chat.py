@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
-from codegen_lm.generate import Generator, SamplingParams
+from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.session import Session, Turn, format_turn
 from codegen_lm.tokenizer import CodeGenTokenizer
 

@@ -9,7 +9,7 @@ from conftest import build_model
 
 from codegen_lm import AutoModelForCausalLM, AutoTokenizer, CodeGenForCausalLM
 from codegen_lm.tokenizer import CODEGEN_TOKENS
-from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.engine import Generator, SamplingParams, Scheduler
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_model
 
-from codegen_lm.generate import Generator, SamplingParams
+from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.quantize import prepare_for_inference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

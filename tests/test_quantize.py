@@ -15,7 +15,7 @@ from conftest import build_model
 from torch import nn
 
 from codegen_lm.checkpoint import load_model
-from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.engine import Generator, SamplingParams, Scheduler
 from codegen_lm.quantize import Int4Linear, Int8Linear, OneDNNLinear, _onednn_int8_available, prepare_for_inference
 
 # Relative L2 error of a layer's output on Gaussian weights and inputs. int8: 1/127 steps on weights and

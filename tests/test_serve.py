@@ -24,7 +24,7 @@ import pytest
 import torch
 import uvicorn
 
-from codegen_lm.generate import Generator, SamplingParams
+from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.serve import load_api_keys
 from codegen_lm.serve.protocol import ChatMessage, chat_turns
 from codegen_lm.session import MTPB_PRELUDE, Session

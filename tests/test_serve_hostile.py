@@ -18,9 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codegen_lm.generate import Generator, SamplingParams, TextStream
+from codegen_lm.engine import Generator, SamplingParams, TextStream
 from codegen_lm.serve import app as serve_app
 from codegen_lm.serve.connections import DrainingServer
+from faults import POISON, poisoned
 from serving import (KEY, MODEL, GatedScheduler, alone, metric, raw, read_all, running, save_tiny_checkpoint, settle,
                      wait_until)
 
@@ -53,26 +54,20 @@ def post(srv, path: str, body: bytes | dict) -> httpx.Response:
 
 # -- one request's failure is its own ----------------------------------------------------------------------
 
-POISON = 50000  # a prompt holding this token id gets NaN logits
 TEXT_FAULT = "@@fault@@"  # a request with this stop string breaks while its text is decoded
 
 
 @pytest.fixture
 def faults(generator, monkeypatch):
     """Two ways for one request to fail inside the engine: NaN logits, and an error while decoding its text."""
-    model, clean_logits, clean_add = generator.model, generator.model.logits_cached, TextStream.add
-
-    def logits_cached(input_ids, *args, **kwargs):
-        logits = clean_logits(input_ids, *args, **kwargs)
-        logits[(input_ids == POISON).any(dim=-1)] = float("nan")
-        return logits
+    clean_add = TextStream.add
 
     def add(self, token_id):
         if TEXT_FAULT in self.stop and len(self.ids) >= 3:
             raise RuntimeError("the detokenizer broke")
         return clean_add(self, token_id)
 
-    monkeypatch.setattr(model, "logits_cached", logits_cached)
+    monkeypatch.setattr(generator.model, "logits_packed", poisoned(generator.model.logits_packed))
     monkeypatch.setattr(TextStream, "add", add)
 
 

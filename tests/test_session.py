@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
-from codegen_lm.generate import Generator, SamplingParams
+from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.session import (
     MTPB_PRELUDE,
     CodeCutter,

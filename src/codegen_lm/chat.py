@@ -29,7 +29,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from .generate import Generator, SamplingParams
+from .engine import Generator, SamplingParams
 from .sandbox import PASSED
 from .session import MTPB_PRELUDE, Session, format_turn, read_session_file
 

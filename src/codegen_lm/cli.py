@@ -62,7 +62,7 @@ def load_generator(model: str, dtype: str, device: str, quantize: str | None, co
     """Model + tokenizer, with a status line on stderr while the weights load."""
     from rich.console import Console
 
-    from .generate import Generator
+    from .engine import Generator
 
     with Console(stderr=True).status(f"loading {model}"):
         return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile)
@@ -90,7 +90,7 @@ def complete_command(
     """Complete a prompt: print the prompt followed by the generated code."""
     import json
 
-    from .generate import SamplingParams
+    from .engine import SamplingParams
     from .tokenizer import truncate_before_pattern
 
     text = read_prompt(prompt)
@@ -371,7 +371,7 @@ def chat_command(
     """Write a program step by step: each line you type says what the next step should do, and the model writes
     its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
     from .chat import run
-    from .generate import SamplingParams
+    from .engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize, compile))

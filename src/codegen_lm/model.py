@@ -81,6 +81,29 @@ class CausalLMOutputWithPast(ModelOutput):
 # --- KV cache ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A rectangle of one inference step's tokens: cache rows ``rows``, each with ``width`` consecutive new tokens,
+    attending to the slots ``< kv_len`` of its row. A step is a list of segments whose tokens are packed one after
+    the other (decode rows, prefill chunks and speculated tokens share the projections: the weights are read once).
+    ``aligned`` promises that every row's tokens end at slot ``kv_len - 1`` and, when ``width > 1``, start at slot 0:
+    then plain causal attention needs no mask."""
+
+    rows: slice
+    width: int
+    kv_len: int
+    aligned: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_rows * self.width
+
+
+
 class KVCache:
     """Preallocated keys and values, ``[n_layer, batch, max_len, n_head, head_dim]``.
 
@@ -107,23 +130,17 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def slots(self, rows: slice, positions: torch.Tensor) -> torch.Tensor:
-        """Flat slot index ``[b * t]`` of the tokens at ``positions`` ``[b, t]`` of cache rows ``rows``."""
-        first = rows.start or 0
-        row_ids = torch.arange(first, first + positions.shape[0], device=positions.device)
-        return (row_ids[:, None] * self.max_len + positions).reshape(-1)
-
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ``[b, t, n_head, head_dim]`` (views are fine) at flat ``slots``."""
+        """Store k, v ``[T, n_head, head_dim]`` (views are fine) at flat ``slots`` ``[T]`` (row * max_len + position)."""
         if torch.compiler.is_compiling():
             # A graph must scatter into the cache tensor itself: a write through a view of it (one layer's slots)
             # is functionalized into a copy of that whole view, every layer, every step (seen in inductor's code).
             where = (torch.full_like(slots, layer), slots // self.max_len, slots % self.max_len)
-            self.k.index_put_(where, k.flatten(0, 1))
-            self.v.index_put_(where, v.flatten(0, 1))
+            self.k.index_put_(where, k)
+            self.v.index_put_(where, v)
             return
-        self._k_slots[layer].index_copy_(0, slots, k.flatten(0, 1))
-        self._v_slots[layer].index_copy_(0, slots, v.flatten(0, 1))
+        self._k_slots[layer].index_copy_(0, slots, k)
+        self._v_slots[layer].index_copy_(0, slots, v)
 
     def read(self, layer: int, rows: slice, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``< kv_len`` of ``rows``, ``[b, n_head, kv_len, head_dim]`` views."""
@@ -249,19 +266,26 @@ class CodeGenAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         return y.transpose(1, 2).reshape(b, t, -1), present, weights
 
-    def forward_cached(
-        self, qkv: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int,
-        slots: torch.Tensor, rows: slice, kv_len: int,
+    def forward_packed(
+        self, qkv: torch.Tensor, rotary: torch.Tensor, segments: list[Segment], masks: list[torch.Tensor | None],
+        cache: KVCache, layer: int, slots: torch.Tensor,
     ) -> torch.Tensor:
-        """Inference attention through the preallocated cache (see ``CodeGenModel.forward_cached``)."""
-        b, t, _ = qkv.shape
-        qkv = qkv.view(b, t, 3, self.n_head, self.head_dim)
-        rotate_(qkv[:, :, :2], rotary)  # q and k together, in place
-        q, k, v = qkv.unbind(2)
+        """Inference attention through the preallocated cache (see ``CodeGenModel.forward_packed``): ``qkv``
+        ``[T, 3 * n_embd]`` packed as ``segments``; one attention call per segment."""
+        qkv = qkv.view(qkv.shape[0], 3, self.n_head, self.head_dim)
+        rotate_(qkv[:, :2], rotary)  # q and k together, in place
+        q, k, v = qkv.unbind(1)
         cache.write(layer, slots, k, v)
-        keys, values = cache.read(layer, rows, kv_len)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None and t > 1)
-        return y.transpose(1, 2).reshape(b, t, -1)
+        outputs, start = [], 0
+        for segment, mask in zip(segments, masks):
+            n = segment.num_tokens
+            queries = q[start : start + n].view(segment.num_rows, segment.width, self.n_head, self.head_dim)
+            keys, values = cache.read(layer, segment.rows, segment.kv_len)
+            y = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask,
+                                               is_causal=mask is None and segment.width > 1)
+            outputs.append(y.transpose(1, 2).reshape(n, -1))
+            start += n
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 class CodeGenMLP(nn.Module):
@@ -324,10 +348,10 @@ class CodeGenBlock(nn.Module):
         heads, present, weights = self.attn(qkv, sin, cos, mask, **attn_kwargs)
         return self.project_out(heads, hidden) + x, present, weights
 
-    def forward_cached(self, x: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
-                       layer: int, slots: torch.Tensor, rows: slice, kv_len: int) -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, rotary: torch.Tensor, segments: list[Segment],
+                       masks: list[torch.Tensor | None], cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
         qkv, hidden = self.project_in(self.ln_1(x))
-        heads = self.attn.forward_cached(qkv, rotary, mask, cache, layer, slots, rows, kv_len)
+        heads = self.attn.forward_packed(qkv, rotary, segments, masks, cache, layer, slots)
         return self.project_out(heads, hidden) + x
 
 
@@ -475,27 +499,30 @@ class CodeGenModel(CodeGenPreTrainedModel):
         sin, cos = self.rotary[positions].unsqueeze(2).chunk(2, dim=-1)  # [b, t, 1, r/2] each
         return sin, cos
 
-    def forward_cached(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
-        aligned: bool = False,
-    ) -> torch.Tensor:
-        """The inference path: tokens at ``positions`` ``[b, t]`` of cache rows ``rows``; keys are the slots
-        ``< kv_len``. A token sees the slots up to its own position, so rows of different lengths (and
-        right padding in a prefill) need no other mask. ``aligned`` promises that every row's tokens end
-        at slot ``kv_len - 1`` and, when ``t > 1``, start at slot 0: then plain causal attention needs no
-        mask at all. Returns the final hidden states."""
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
+                       cache: KVCache) -> torch.Tensor:
+        """The inference path: the tokens ``input_ids`` at ``positions`` (both ``[T]``), packed segment after segment
+        (see ``Segment``), through cache ``cache``. A token sees the slots of its row up to its own position, so rows
+        of different lengths need no other mask. Returns the final hidden states ``[T, n_embd]``."""
         x = self.wte(input_ids)
-        b, t = input_ids.shape
         sin, cos = self.rotary[positions].chunk(2, dim=-1)
-        rotary = torch.stack([cos, sin], dim=-1)[:, :, None, None]  # [b, t, 1 (q/k), 1 (head), r/2, 2]
-        mask = None
-        if not aligned or (t > 1 and kv_len != t):
-            keys = torch.arange(kv_len, device=x.device)
-            mask = torch.zeros(b, 1, t, kv_len, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(keys > positions[:, None, :, None], float("-inf"))  # additive: no per-layer conversion
-        slots = cache.slots(rows, positions)
+        rotary = torch.stack([cos, sin], dim=-1)[:, None, None]  # [T, 1 (q/k), 1 (head), r/2, 2]
+        row_ids, masks, start = [], [], 0
+        for segment in segments:
+            n = segment.num_tokens
+            where = positions[start : start + n].view(segment.num_rows, segment.width)
+            row_ids.append(torch.arange(segment.rows.start, segment.rows.stop, device=x.device)
+                           .repeat_interleave(segment.width))
+            mask = None
+            if not segment.aligned or (segment.width > 1 and segment.kv_len != segment.width):
+                keys = torch.arange(segment.kv_len, device=x.device)
+                mask = torch.zeros(segment.num_rows, 1, segment.width, segment.kv_len, dtype=x.dtype, device=x.device)
+                mask.masked_fill_(keys > where[:, None, :, None], float("-inf"))  # additive: no per-layer conversion
+            masks.append(mask)
+            start += n
+        slots = (row_ids[0] if len(row_ids) == 1 else torch.cat(row_ids)) * cache.max_len + positions
         for i, block in enumerate(self.h):
-            x = block.forward_cached(x, rotary, mask, cache, i, slots, rows, kv_len)
+            x = block.forward_packed(x, rotary, segments, masks, cache, i, slots)
         return self.ln_f(x)
 
 
@@ -551,19 +578,28 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
         out = CausalLMOutputWithPast(loss, logits, body.past_key_values, body.hidden_states, body.attentions)
         return out if return_dict is not False else out.to_tuple()
 
+    def logits_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, segments: list[Segment], cache: KVCache,
+                      last: torch.Tensor) -> torch.Tensor:
+        """Inference forward of a packed step (``CodeGenModel.forward_packed``); fp32 logits of the tokens at the
+        packed indices ``last`` ``[k]``, ``[k, vocab]``."""
+        hidden = self.transformer.forward_packed(input_ids, positions, segments, cache)
+        return self.lm_head(hidden[last]).float()
+
     def logits_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
         last: torch.Tensor | None = None, aligned: bool = False,
     ) -> torch.Tensor:
-        """Inference forward through the KV cache; fp32 logits of the tokens at index ``last`` ``[b]`` of each
-        row (the final one when None), ``[b, vocab]``. ``aligned``: see ``CodeGenModel.forward_cached``."""
-        hidden = self.transformer.forward_cached(input_ids, positions, cache, rows, kv_len, aligned)
-        hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
-        return self.lm_head(hidden).float()
+        """``logits_packed`` for one rectangle: ``input_ids`` at ``positions`` ``[b, t]`` of cache rows ``rows``; the
+        logits of the tokens at index ``last`` ``[b]`` of each row (the final one when None), ``[b, vocab]``. The
+        decode step is this with ``t`` 1 (the graph ``torch.compile`` makes)."""
+        b, t = input_ids.shape
+        index = torch.arange(b, device=input_ids.device) * t + (t - 1 if last is None else last)
+        segment = Segment(rows, t, kv_len, aligned)
+        return self.logits_packed(input_ids.reshape(-1), positions.reshape(-1), [segment], cache, index)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """transformers-style ``generate``: returns the input ids (left padding kept) followed by the new ids."""
-        from .generate import hf_generate
+        from .engine import hf_generate
 
         return hf_generate(self, input_ids, attention_mask, **kwargs)
 

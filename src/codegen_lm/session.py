@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .generate import GenerationError, Generator, SamplingParams
+from .engine import GenerationError, Generator, SamplingParams
 from .hub import atomic_write_text
 from .tokenizer import truncate_before_pattern
 

@@ -116,7 +116,7 @@ def generate_samples(generator: Any, problems: dict[str, dict[str, Any]], settin
 
     Problems go to ``Generator.complete`` a few at a time (about one batch of sequences); each problem's
     samples depend only on its prompt and the seed, so a resumed run produces what an uninterrupted one would."""
-    from ..generate import SamplingParams
+    from ..engine import SamplingParams
 
     have = Counter(s["task_id"] for s in read_jsonl(path))
     todo = [task for task in problems if have[task] < settings.n]

@@ -160,7 +160,7 @@ def generate_samples(generator: Any, problems: Sequence[dict[str, Any]], setting
 
     One record per (problem, case, sample): the turns' truncated completions and the final program. All
     5 x n histories of a problem advance together, one ``Generator.complete`` call per turn."""
-    from ..generate import SamplingParams
+    from ..engine import SamplingParams
 
     have = _have(path)
     todo = pending(problems, path, settings.n)

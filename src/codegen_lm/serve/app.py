@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..generate import Completion, Generator, Scheduler, SequenceOutput
+from ..engine import Completion, Generator, Scheduler, SequenceOutput
 from ..session import CodeCutter, build_prompt
 from . import protocol as P
 from .connections import DrainingServer, http_config

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..generate import SamplingParams, Scheduler, SequenceOutput
+from ..engine import SamplingParams, Scheduler, SequenceOutput
 
 log = logging.getLogger("codegen_lm.serve")
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..generate import Completion, SamplingParams
+from ..engine import Completion, SamplingParams
 from ..session import MTPB_PRELUDE
 
 @dataclass
