@@ -54,7 +54,7 @@ def serve(shape: str, port: int, max_batch: int) -> None:
     import torch
 
     from codegen_lm import CodeGenConfig, CodeGenForCausalLM
-    from codegen_lm.engine import Scheduler
+    from codegen_lm.engine import Generator
     from codegen_lm.serve import Limits, ServerConfig, create_app
     from codegen_lm.serve.connections import DrainingServer, http_config
     from codegen_lm.tokenizer import AutoTokenizer
@@ -63,7 +63,7 @@ def serve(shape: str, port: int, max_batch: int) -> None:
     model = CodeGenForCausalLM(CodeGenConfig(vocab_size=51200, n_positions=2048, **SHAPES[shape])).eval()
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "src" / "codegen_lm" / "data")
     config = ServerConfig(f"random-{shape}", (), max_batch, max_queue=256, limits=Limits(request_timeout=600))
-    app = create_app(Scheduler(model, tokenizer, max_batch), config)
+    app = create_app(Generator(model, tokenizer, max_batch).scheduler(), config)
     http = http_config(app, "127.0.0.1", port, log_level="warning")  # what `codegen-lm serve` runs
     http.access_log = False
     DrainingServer(http, lambda: app.state.server.engine.drain(30)).run()

@@ -84,7 +84,7 @@ def running(generator: Generator, keys: tuple[str, ...] = (KEY,), max_batch: int
             scheduler: type[Scheduler] = Scheduler, header_timeout: float = 10.0, max_connections: int = 1024,
             shutdown_timeout: float = 2.0, **limits):
     """A server for ``generator`` on a free port, configured as ``codegen-lm serve`` configures it."""
-    app = create_app(scheduler(generator.model, generator.tokenizer, max_batch),
+    app = create_app(scheduler(generator.model, generator.tokenizer, max_batch, prefix_cache=generator.prefix_cache),
                      ServerConfig(MODEL, keys, max_batch, max_queue, Limits(**limits)))
     port = free_port()
     config = http_config(app, "127.0.0.1", port, header_timeout=header_timeout, max_connections=max_connections,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -35,6 +36,13 @@ COMPILE_OPTION = typer.Option(False, "--compile", help="Compile the decode step 
                               "frozen C++ graph on CPU, not for int4); the first steps compile, a minute or more on CPU "
                               "(serve compiles before it takes requests).")
 
+PREFIX_CACHE_OPTION = typer.Option(None, "--prefix-cache-mb", help="Memory (MB) for keys and values kept across requests, "
+                                   "so a prompt that repeats an earlier one is not computed again (default: 4 full "
+                                   "contexts, at most a quarter of the machine's memory: 1280 MB for 350M in fp32).")
+NO_PREFIX_CACHE_OPTION = typer.Option(False, "--no-prefix-cache", help="Reuse nothing computed for earlier requests.")
+PREFILL_CHUNK_OPTION = typer.Option(None, "--prefill-chunk", help="Prompt tokens one step computes while other "
+                                    "sequences decode (default: 32 on CPU, 512 on CUDA).")
+
 STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
 
 
@@ -58,14 +66,26 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False):
-    """Model + tokenizer, with a status line on stderr while the weights load."""
+def engine_options(prefix_cache_mb: float | None, no_prefix_cache: bool, prefill_chunk: int | None) -> dict:
+    """The engine's settings from the options every command that loads a model shares, checked."""
+    if no_prefix_cache and prefix_cache_mb is not None:
+        raise ValueError("--no-prefix-cache and --prefix-cache-mb contradict each other; give one of them")
+    if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be a size in MB >= 0 (got {prefix_cache_mb:g}); --no-prefix-cache "
+                         "turns the cache off")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be at least 1 token (got {prefill_chunk})")
+    return {"prefix_cache_mb": 0 if no_prefix_cache else prefix_cache_mb, "prefill_chunk": prefill_chunk}
+
+
+def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False, **engine: Any):
+    """Model + tokenizer, with a status line on stderr while the weights load (``engine``: see ``engine_options``)."""
     from rich.console import Console
 
     from .engine import Generator
 
     with Console(stderr=True).status(f"loading {model}"):
-        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile)
+        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile, **engine)
 
 
 @app.command("complete")
@@ -86,8 +106,12 @@ def complete_command(
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
     compile: bool = COMPILE_OPTION,
+    prefix_cache_mb: float = PREFIX_CACHE_OPTION,
+    no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
+    prefill_chunk: int = PREFILL_CHUNK_OPTION,
 ) -> None:
     """Complete a prompt: print the prompt followed by the generated code."""
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
     import json
 
     from .engine import SamplingParams
@@ -98,7 +122,7 @@ def complete_command(
                             stop=list(stop), seed=seed)
     if stream and json_output:
         raise ValueError("--stream and --json do not go together; pick one")
-    generator = load_generator(model, dtype, device, quantize, compile)
+    generator = load_generator(model, dtype, device, quantize, compile, **engine)
     cut = (lambda s: truncate_before_pattern(s, STANDARD_TRUNCATION)) if truncate else (lambda s: s)
 
     if stream:
@@ -129,7 +153,8 @@ def complete_command(
         if len(completion) < len(result.text):  # the generated tokens that make up the kept text
             decode = generator.tokenizer.decode
             kept_ids = next(kept_ids[:k] for k in range(len(kept_ids) + 1) if len(decode(kept_ids[:k])) >= len(completion))
-        typer.echo(json.dumps({"prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason}))
+        typer.echo(json.dumps({"prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason,
+                               "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens}))
     else:
         typer.echo(text + completion)
 
@@ -255,8 +280,12 @@ def eval_humaneval_command(
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
     compile: bool = COMPILE_OPTION,
+    prefix_cache_mb: float = PREFIX_CACHE_OPTION,
+    no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
+    prefill_chunk: int = PREFILL_CHUNK_OPTION,
 ) -> None:
     """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
     from pathlib import Path
 
     from .evaluate import humaneval
@@ -279,7 +308,7 @@ def eval_humaneval_command(
         settings.max_new_tokens, settings.seed = max_new_tokens, seed
         out = out or str(Path("runs") / f"humaneval-{Path(model).name}-n{n}-t{temperature:g}")
     humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None, workers=workers,
-                       generator_factory=lambda: load_generator(model, dtype, device, quantize, compile))
+                       generator_factory=lambda: load_generator(model, dtype, device, quantize, compile, **engine))
 
 
 @eval_app.command("mtpb")
@@ -298,8 +327,12 @@ def eval_mtpb_command(
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
     compile: bool = COMPILE_OPTION,
+    prefix_cache_mb: float = PREFIX_CACHE_OPTION,
+    no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
+    prefill_chunk: int = PREFILL_CHUNK_OPTION,
 ) -> None:
     """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
     from pathlib import Path
 
     from .evaluate import mtpb
@@ -311,7 +344,7 @@ def eval_mtpb_command(
                              top_p=top_p, seed=seed, timeout=timeout, limit=limit)
     out = out or str(Path("runs") / f"mtpb-{Path(model).name}-n{n}")
     mtpb.evaluate(Path(out), settings, table, workers=workers,
-                  generator_factory=lambda: load_generator(model, dtype, device, quantize, compile))
+                  generator_factory=lambda: load_generator(model, dtype, device, quantize, compile, **engine))
 
 
 @app.command("serve")
@@ -324,6 +357,9 @@ def serve_command(
     served_model_name: str = typer.Option(None, "--served-model-name", help="Model id clients use (default: --model)."),
     quantize: str = QUANTIZE_OPTION,
     compile: bool = COMPILE_OPTION,
+    prefix_cache_mb: float = PREFIX_CACHE_OPTION,
+    no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
+    prefill_chunk: int = PREFILL_CHUNK_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
@@ -345,11 +381,12 @@ def serve_command(
     page at http://HOST:PORT/."""
     from .serve import Limits, serve
 
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     serve(model, host, port, served_model_name=served_model_name, quantize=quantize, compile=compile, dtype=dtype,
           device=device, api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
           max_connections=max_connections, header_timeout=header_timeout, shutdown_timeout=shutdown_timeout,
-          log_level=log_level)
+          log_level=log_level, **engine)
 
 
 @app.command("chat")
@@ -367,14 +404,18 @@ def chat_command(
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
     compile: bool = COMPILE_OPTION,
+    prefix_cache_mb: float = PREFIX_CACHE_OPTION,
+    no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
+    prefill_chunk: int = PREFILL_CHUNK_OPTION,
 ) -> None:
     """Write a program step by step: each line you type says what the next step should do, and the model writes
     its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
     from .chat import run
     from .engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize, compile))
+    status = run(file, prelude, params, lambda: load_generator(model, dtype, device, quantize, compile, **engine))
     if status:
         raise typer.Exit(status)
 

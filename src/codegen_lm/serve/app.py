@@ -259,9 +259,10 @@ async def turn_codes(outputs: AsyncIterator[list[tuple[int, SequenceOutput]]], n
             piece = cutter.add(out.text)
             if out.finished and not cutter.done:
                 piece += cutter.finish(out.finish_reason)
-            completion = Completion(cutter.code, tokens[out.index], cutter.reason) if cutter.done else None
+            completion = Completion(cutter.code, tokens[out.index], cutter.reason,
+                                    cached_tokens=out.cached_tokens) if cutter.done else None
             cut.append((p, SequenceOutput(out.request_id, out.index, piece, out.token_ids, cutter.done,
-                                          cutter.reason, completion)))
+                                          cutter.reason, completion, cached_tokens=out.cached_tokens)))
         yield cut
         if all(c.done for c in cutters):
             return
@@ -359,7 +360,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             return None if req.logprobs is None else P.completion_logprobs(server.tokenizer, completion, 0)
 
         if req.stream:
-            generated = [0]
+            generated, cached = [0], {}
 
             def chunks(p: int | None, out: Any) -> list[dict[str, Any]]:
                 if out is None:  # opening: the echoed prompts
@@ -367,9 +368,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                                        [{"text": texts[q], "index": q * n + j, "logprobs": None, "finish_reason": None}])
                             for q in range(len(prompts)) for j in range(n)] if texts else []
                 if out == "end":
-                    return [P.envelope("text_completion", response_id, model, [],
-                                       usage=P.usage(prompt_tokens, generated[0]))] if req.include_usage else []
+                    return [P.envelope("text_completion", response_id, model, [], usage=P.usage(
+                        prompt_tokens, generated[0], P.cached_tokens(cached)))] if req.include_usage else []
                 generated[0] += len(out.token_ids)
+                cached[p] = out.cached_tokens
                 if not out.text and not out.finished:
                     return []
                 choice = {"text": out.text, "index": p * n + out.index, "finish_reason": out.finish_reason,
@@ -385,8 +387,9 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             choices.append({"text": prefix + c.text, "index": p * n + j, "finish_reason": c.finish_reason,
                             "logprobs": logprobs_of(c)})
         completion_tokens = sum(len(c.token_ids) for c in results.values())
+        cached = P.cached_tokens({p: c.cached_tokens for (p, _), c in results.items()})
         return P.envelope("text_completion", response_id, model, choices,
-                          usage=P.usage(prompt_tokens, completion_tokens))
+                          usage=P.usage(prompt_tokens, completion_tokens, cached))
 
     @app.post("/v1/completions", dependencies=[auth])
     async def openai_completions(request: Request) -> Any:
@@ -421,7 +424,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         outputs = turn_codes(job.outputs(server.limits.request_timeout), req.n)
 
         if req.stream:
-            generated = [0]
+            generated, cached = [0], {}
 
             def chunks(p: int | None, out: Any) -> list[dict[str, Any]]:
                 if out is None:
@@ -429,9 +432,10 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                                        [{"index": j, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]) for j in range(req.n)]
                 if out == "end":
-                    return [P.envelope("chat.completion.chunk", response_id, model, [],
-                                       usage=P.usage(len(ids[0]), generated[0]))] if req.include_usage else []
+                    return [P.envelope("chat.completion.chunk", response_id, model, [], usage=P.usage(
+                        len(ids[0]), generated[0], P.cached_tokens(cached)))] if req.include_usage else []
                 generated[0] += len(out.token_ids)
+                cached[p] = out.cached_tokens
                 result = []
                 if out.text:
                     result.append({"index": out.index, "delta": {"content": out.text}, "logprobs": None,
@@ -447,8 +451,9 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         choices = [{"index": j, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                     "finish_reason": c.finish_reason} for (_, j), c in sorted(results.items())]
         completion_tokens = sum(len(c.token_ids) for c in results.values())
+        cached = P.cached_tokens({p: c.cached_tokens for (p, _), c in results.items()})
         return P.envelope("chat.completion", response_id, model, choices,
-                          usage=P.usage(len(ids[0]), completion_tokens))
+                          usage=P.usage(len(ids[0]), completion_tokens, cached))
 
     return app
 
@@ -460,7 +465,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
           quantize: str | None = None, compile: bool = False, dtype: str | None = None, device: str | None = None,
           api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
           limits: P.Limits | None = None, max_connections: int = 1024, header_timeout: float = 10.0,
-          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          shutdown_timeout: float = 30.0, log_level: str = "info", prefix_cache_mb: float | None = None,
+          prefill_chunk: int | None = None) -> None:
     """Load ``model`` and serve it with uvicorn until SIGINT/SIGTERM. Shutting down drains first: ``/health`` answers
     503 and in-flight requests get ``shutdown_timeout`` seconds to finish, then end with an error (see
     ``connections``)."""
@@ -470,7 +476,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
     # The same loading as every other command (on CPU, fp32 weights through oneDNN's matmul).
-    generator = Generator.from_pretrained(model, max_batch, compile, dtype=dtype, device=device or "auto", quantize=quantize)
+    generator = Generator.from_pretrained(model, max_batch, compile, prefix_cache_mb, prefill_chunk, dtype=dtype,
+                                          device=device or "auto", quantize=quantize)
     if compile:  # before the first request, which would otherwise wait for the compiles (and everyone behind it)
         from rich.console import Console
 

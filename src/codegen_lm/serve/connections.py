@@ -37,16 +37,15 @@ def _raw_response(status: int, reason: str, message: str, extra: str = "") -> by
 
 def guarded(base: type[asyncio.Protocol], header_timeout: float, max_connections: int) -> type[asyncio.Protocol]:
     """``base`` (one of uvicorn's HTTP protocols) with a header timeout and eviction at ``max_connections``."""
+    waiting: dict[Any, None] = {}  # connections awaiting request headers, longest-waiting first (insertion order)
 
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._seen_cycle: Any = None
             self._header_timer: asyncio.TimerHandle | None = None
-            self._waiting_since = 0.0
             self._received = False  # bytes of the awaited request have arrived
             self._refused = False
-            self._await_headers()
             if len(self.connections) > max_connections and not self._evict_one():
                 # Answer at once, then only read (and drop) what the client sends until it leaves or the header
                 # timeout ends it: closing with its request unread would reset the connection, answer and all.
@@ -55,6 +54,7 @@ def guarded(base: type[asyncio.Protocol], header_timeout: float, max_connections
                                               "all of them busy; retry shortly", "retry-after: 1\r\n"))
                 if transport.can_write_eof():
                     transport.write_eof()
+            self._await_headers()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -62,8 +62,7 @@ def guarded(base: type[asyncio.Protocol], header_timeout: float, max_connections
             self._received = True
             super().data_received(data)
             if self._header_timer is not None and self.cycle is not self._seen_cycle:  # headers complete
-                self._header_timer.cancel()
-                self._header_timer = None
+                self._stop_waiting()
 
         def on_response_complete(self) -> None:
             self._seen_cycle = self.cycle
@@ -72,21 +71,23 @@ def guarded(base: type[asyncio.Protocol], header_timeout: float, max_connections
                 self._await_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            self._received = False
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+            waiting[self] = None
+
+        def _stop_waiting(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            super().connection_lost(exc)
-
-        @property
-        def awaiting_headers(self) -> bool:
-            return self._header_timer is not None
-
-        def _await_headers(self) -> None:
-            self._waiting_since, self._received = self.loop.time(), False
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+            waiting.pop(self, None)
 
         def _headers_too_slow(self) -> None:
             self._header_timer = None
+            waiting.pop(self, None)
             if self.transport.is_closing():
                 return
             if self._received and not self._refused:  # a request was begun: say why it ends (an idle one just closes)
@@ -96,13 +97,10 @@ def guarded(base: type[asyncio.Protocol], header_timeout: float, max_connections
 
         def _evict_one(self) -> bool:
             """Close the connection that has waited longest for request headers; False if none is waiting."""
-            waiting = [c for c in self.connections if c is not self and getattr(c, "awaiting_headers", False)
-                       and not c.transport.is_closing()]
-            if not waiting:
+            oldest = next(iter(waiting), None)
+            if oldest is None:
                 return False
-            oldest = min(waiting, key=lambda c: c._waiting_since)
-            oldest._header_timer.cancel()
-            oldest._header_timer = None
+            oldest._stop_waiting()
             oldest.transport.close()
             return True
 

@@ -9,6 +9,7 @@ needs no locks; the engine thread touches nothing but the scheduler.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -93,6 +94,16 @@ class Job:
 _EXPIRED = object()  # put on a job's queue when its time is up
 
 
+@dataclass
+class StepCounts:
+    """What one step did (or, kept by the engine, the totals so far)."""
+
+    generated: int = 0  # tokens sampled
+    prompt_computed: int = 0  # prompt tokens whose keys and values were computed
+    prompt_reused: int = 0  # prompt tokens whose keys and values were copied from earlier work
+    evictions: int = 0  # prefix cache leaves evicted
+
+
 class Engine:
     """Drives ``scheduler`` in a background thread. ``capacity`` sequences may be in flight (decoding or
     queued) at once; ``submit`` refuses more with ``QueueFullError``."""
@@ -105,7 +116,8 @@ class Engine:
         self.closed = False
         self.num_waiting = 0  # scheduler state after the last step, for metrics (written by the engine thread)
         self.num_running = 0
-        self.on_tokens: Any = None  # called with the number of tokens generated in a step (metrics)
+        self.on_step: Any = None  # called with each step's ``StepCounts`` (metrics)
+        self._counted = StepCounts()  # the scheduler's and prefix cache's running totals at the last step
         self._latency = 1.0  # smoothed seconds per finished job, for Retry-After
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -205,6 +217,15 @@ class Engine:
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
+    def _count(self, outputs: list[SequenceOutput]) -> StepCounts:
+        """This step's counts: the scheduler's and prefix cache's totals less those at the last step."""
+        stats, cache = self.scheduler.stats, self.scheduler.prefix_cache
+        now = StepCounts(0, stats.prompt_tokens_computed, stats.prompt_tokens_reused, cache.evictions if cache else 0)
+        step = StepCounts(sum(len(o.token_ids) for o in outputs), now.prompt_computed - self._counted.prompt_computed,
+                          now.prompt_reused - self._counted.prompt_reused, now.evictions - self._counted.evictions)
+        self._counted = now
+        return step
+
     def _apply_commands(self) -> bool:
         """Apply queued adds/aborts; False once asked to stop."""
         while True:
@@ -243,10 +264,12 @@ class Engine:
                 for rid in list(self.scheduler.requests):
                     self._post(self._fail, rid, JobError(f"generation failed ({type(e).__name__}: {e})"))
                 old = self.scheduler
-                self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id, old.compile)
+                self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id, old.compile,
+                                           old.prefix_cache, old.prefill_chunk)
+                self._counted = dataclasses.replace(self._counted, prompt_computed=0, prompt_reused=0)
                 continue
             self.num_waiting, self.num_running = self.scheduler.num_waiting, self.scheduler.num_running
-            if self.on_tokens is not None:
-                self.on_tokens(sum(len(o.token_ids) for o in outputs))
+            if self.on_step is not None:
+                self.on_step(self._count(outputs))
             if outputs:
                 self._post(self._dispatch, outputs)

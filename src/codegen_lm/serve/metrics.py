@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from .engine import Engine
+from .engine import Engine, StepCounts
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -29,6 +29,17 @@ class Metrics:
         self.requests = Counter("codegen_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=registry)
         self.prompt_tokens = Counter("codegen_prompt_tokens", "Prompt tokens accepted", registry=registry)
+        self.prompt_computed = Counter("codegen_prompt_tokens_computed", "Prompt tokens whose keys and values were "
+                                       "computed", registry=registry)
+        self.prompt_reused = Counter("codegen_prompt_tokens_cached", "Prompt tokens whose keys and values were reused "
+                                     "from earlier requests (prefix cache)", registry=registry)
+        self.evictions = Counter("codegen_prefix_cache_evictions", "Prefix cache entries evicted to make room",
+                                 registry=registry)
+        Gauge("codegen_prefix_cache_bytes", "Memory holding cached keys and values", registry=registry).set_function(
+            lambda: engine.scheduler.prefix_cache.used_bytes if engine.scheduler.prefix_cache else 0)
+        Gauge("codegen_prefix_cache_capacity_bytes", "The prefix cache's budget", registry=registry).set(
+            engine.scheduler.prefix_cache.capacity * engine.scheduler.prefix_cache.bytes_per_token
+            if engine.scheduler.prefix_cache else 0)
         self.generated_tokens = Counter("codegen_generation_tokens", "Tokens generated (all sequences)",
                                         registry=registry)
         self.stream_errors = Counter("codegen_stream_errors", "Streams (status 200) that ended in an error event, "
@@ -46,7 +57,13 @@ class Metrics:
             lambda: engine.pending)
         Gauge("codegen_capacity_sequences", "Sequences accepted at once before answering 429",
               registry=registry).set(engine.capacity)
-        engine.on_tokens = self.generated_tokens.inc
+        engine.on_step = self.count_step
+
+    def count_step(self, counts: StepCounts) -> None:
+        self.generated_tokens.inc(counts.generated)
+        self.prompt_computed.inc(counts.prompt_computed)
+        self.prompt_reused.inc(counts.prompt_reused)
+        self.evictions.inc(counts.evictions)
 
 
 class CountRequests:
