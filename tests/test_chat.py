@@ -219,6 +219,22 @@ def test_ctrl_c_stops_run_and_retry_alternatives(endless_generator, tmp_path, mo
     assert "alternative 1" not in text and cursor_shown(screen)
 
 
+def test_ctrl_c_in_the_editor_is_the_editor_s(endless_generator, tmp_path, monkeypatch):
+    """The terminal sends Ctrl-C to the chat too while $EDITOR runs in the foreground (vi uses it); the editor must
+    not be killed for it, nor the edit lost."""
+    editor = tmp_path / "editor.py"
+    editor.write_text("import os, signal, sys, time\n"
+                      "signal.signal(signal.SIGINT, signal.SIG_IGN)  # an editor handles Ctrl-C itself\n"
+                      "os.kill(os.getppid(), signal.SIGINT)\n"
+                      "time.sleep(0.5)  # longer than subprocess waits before it kills a child on KeyboardInterrupt\n"
+                      "open(sys.argv[1], 'w').write('x = 42\\n')\n")
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    chat, screen = chat_in_process(endless_generator, tmp_path, ["/edit"])
+    chat.session = Session(endless_generator, turns=[("Assign 42 to x.", "x = 1\n")])
+    assert chat.loop() == 0
+    assert chat.session.turns == (Turn("Assign 42 to x.", "x = 42\n"),) and "stopped" not in screen.getvalue()
+
+
 def test_ctrl_c_typed_right_after_enter_stops_what_the_line_started(endless_generator, tmp_path, monkeypatch):
     """A Ctrl-C typed after Enter while prompt_toolkit still holds the terminal raw is a key it keeps for the next
     prompt (or a byte left queued), not a signal: it must stop that line's generation, not clear the next line."""
