@@ -35,6 +35,7 @@ def test_against_hf_greedy_generate_batched_and_alone(pair):
     a = ours.generate(ids, attention_mask=mask, max_new_tokens=32)
     b = theirs.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=50256)
     assert a.shape == b.shape == (3, 48)
+    assert all(len(set(row[16:].tolist())) > 3 for row in a)  # not outputs collapsed into one repeated token
     assert torch.equal(a, b)
     for row in range(3):
         alone = ours.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=32)
