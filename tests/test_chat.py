@@ -133,7 +133,7 @@ def endless_generator() -> Generator:
 def chat_in_process(generator: Generator, tmp_path: Path, lines: list[str], max_new_tokens: int = 400) -> tuple[Chat, Screen]:
     """An interactive Chat (rich writing to a ``Screen`` as to a terminal) that reads ``lines``."""
     screen = Screen()
-    console = Console(file=screen, force_terminal=True, width=100, highlight=False)
+    console = Console(file=screen, force_terminal=True, width=100, highlight=False, soft_wrap=True)  # notes unwrapped
     session = Session(generator, params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     queue = iter(lines)
 
@@ -233,6 +233,23 @@ def test_ctrl_c_in_the_editor_is_the_editor_s(endless_generator, tmp_path, monke
     chat.session = Session(endless_generator, turns=[("Assign 42 to x.", "x = 1\n")])
     assert chat.loop() == 0
     assert chat.session.turns == (Turn("Assign 42 to x.", "x = 42\n"),) and "stopped" not in screen.getvalue()
+
+
+def test_a_failed_autosave_is_reported_and_the_file_stays_whole(endless_generator, tmp_path, monkeypatch):
+    chat, screen = chat_in_process(endless_generator, tmp_path, ["Loop forever.", "/undo", "/redo"], max_new_tokens=3)
+    failures = iter([False, False, True])  # the first save, the turn's, then /undo's fails
+
+    def replace(src, dst, replace=os.replace):
+        if Path(dst).name == "s.py" and next(failures, False):
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert chat.loop() == 0
+    text = screen.getvalue()
+    assert "error: could not save the session to" in text and "No space left on device" in text
+    assert Session.load(tmp_path / "s.py").turns == (Turn("Loop forever.", "xxx"),) == chat.session.turns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.py"]
 
 
 def test_ctrl_c_typed_right_after_enter_stops_what_the_line_started(endless_generator, tmp_path, monkeypatch):

@@ -66,6 +66,36 @@ def test_dtype_and_old_buffers(tmp_path):
     assert load_model(tmp_path, dtype="fp16").dtype == torch.float16
 
 
+@pytest.mark.parametrize("before, after", [(None, None), ("60KB", None), (None, "60KB")],
+                         ids=["single over single", "single over shards", "shards over single"])
+def test_a_save_that_fails_part_way_leaves_the_earlier_checkpoint(before, after, tmp_path, monkeypatch):
+    """The final model of a training run is saved over the previous one (a resumed run): a full disk part way
+    through must leave the previous weights loadable, and the next save must leave no stale shard behind."""
+    from codegen_lm.checkpoint import save_model
+
+    first, second = randomize_(build_model(seed=0)), randomize_(build_model(seed=1))
+    save_model(first, tmp_path, **({"max_shard_size": before} if before else {}))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    written = []
+
+    def fail(tensors, path, *args, **kwargs):
+        written.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(second, tmp_path, **({"max_shard_size": after} if after else {}))
+    monkeypatch.undo()
+    assert written and sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert torch.equal(logits(load_model(tmp_path)), logits(first))
+    save_model(second, tmp_path, **({"max_shard_size": after} if after else {}))
+    assert torch.equal(logits(load_model(tmp_path)), logits(second))
+    weights = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model"))
+    assert weights == (["model.safetensors"] if not after else
+                       [*(f"model-{i:05d}-of-{len(weights) - 1:05d}.safetensors" for i in range(1, len(weights))),
+                        "model.safetensors.index.json"])
+
+
 def test_errors_name_the_problem(tmp_path):
     build_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")

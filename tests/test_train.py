@@ -164,6 +164,60 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path):
     assert len(losses(tmp_path / "full")) == 12
 
 
+@pytest.mark.parametrize("failing", ["checkpoint write", "checkpoint rename", "log line"])
+def test_a_full_disk_loses_nothing_that_resuming_needs(make_cfg, tmp_path, monkeypatch, failing):
+    """A checkpoint is written in a temporary folder and renamed into place: a disk that fills up while step 8's is
+    written, or a failed rename, leaves step 4's whole. A metrics line cut short (step 9's) is dropped. Resuming
+    then gives the uninterrupted run."""
+    from codegen_lm.checkpoint import load_model
+    from codegen_lm.train import loop
+
+    full = make_cfg(out=str(tmp_path / "full"))
+    train(full)
+    cfg = make_cfg(out=str(tmp_path / "cut"))
+    full_disk = OSError(28, "No space left on device")
+    if failing == "checkpoint write":
+        save = torch.save
+
+        def fail(obj, path, *args, **kwargs):
+            if "step-00000008" in str(path) and str(path).endswith("trainer_state.pt"):
+                raise full_disk
+            return save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", fail)
+    elif failing == "checkpoint rename":
+        rename = os.replace
+
+        def fail(src, dst):
+            if str(dst).endswith("step-00000008"):
+                raise full_disk
+            return rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", fail)
+    else:
+        append = loop._append_metrics
+
+        def fail(path, record, env):
+            if record["step"] == 9:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record)[:12])
+                raise full_disk
+            append(path, record, env)
+
+        monkeypatch.setattr(loop, "_append_metrics", fail)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    last = "step-00000008" if failing == "log line" else "step-00000004"
+    assert sorted(p.name for p in checkpoints.glob("step-*"))[-1] == last
+    assert loop.latest_checkpoint(checkpoints) == checkpoints / last
+    assert load_model(checkpoints / last).state_dict().keys() == load_model(tmp_path / "full").state_dict().keys()
+    assert torch.load(checkpoints / last / "trainer_state.pt", weights_only=False)["step"] == int(last[-8:])
+    train(dataclasses.replace(cfg, resume=True))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
 @pytest.mark.slow
 def test_grad_checkpointing_and_accumulation_give_the_same_losses(make_cfg, tmp_path):
     train(make_cfg(out=str(tmp_path / "plain"), steps=5))
