@@ -30,18 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(ISOLATED, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not beside this checkout")
-    return SHARED
 
 
 DATA = REPO / "src" / "codegen_lm" / "data"

@@ -140,7 +140,7 @@ def test_loss_decreases_and_outputs(make_cfg, tmp_path):
     ours = load_model(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok.encode("def f1_2(x):\n    return")])
-    transformers = pytest.importorskip("transformers")
+    import transformers
     theirs = transformers.CodeGenForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits.float(), rtol=1e-4, atol=1e-4)
@@ -229,7 +229,8 @@ def test_bf16_autocast_tracks_fp32(make_cfg, tmp_path):
     train(make_cfg(out=str(tmp_path / "fp32"), steps=3, warmup_steps=1))
     train(make_cfg(out=str(tmp_path / "bf16"), steps=3, warmup_steps=1, precision="bf16"))
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
-    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)  # bf16 matmuls, fp32 master weights and loss
+    # bf16 matmuls, fp32 master weights and loss: measured within 2e-4 of fp32's ~5.5 (an AMD Zen 4)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=2e-3)
     from codegen_lm.checkpoint import load_model
 
     assert load_model(tmp_path / "bf16").lm_head.weight.dtype == torch.float32
@@ -272,7 +273,6 @@ def test_two_processes_match_one(make_cfg, tmp_path, fsdp):
 
 @pytest.mark.slow
 def test_lora_finetune_merges_into_a_full_checkpoint(make_cfg, tmp_path, tiny_tok):
-    pytest.importorskip("peft")
     from codegen_lm.checkpoint import load_model
 
     torch.manual_seed(0)
