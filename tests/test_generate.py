@@ -9,6 +9,7 @@ from conftest import build_model
 
 from codegen_lm import AutoModelForCausalLM, AutoTokenizer, CodeGenForCausalLM
 from codegen_lm.generate import Generator, SamplingParams, Scheduler
+from codegen_lm.tokenizer import truncate_before_pattern
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,10 @@ def test_seed_example_runs_verbatim(tiny_checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     completion = model.generate(**tokenizer("def hello_world():", return_tensors="pt"))
     text = tokenizer.decode(completion[0], truncate_before_pattern=[r"\n\n^#", "^'''", "\n\n\n"])
-    assert text.startswith("def hello_world():")
-    assert completion.shape == (1, 20)
+    prompt = tokenizer.encode("def hello_world():")  # transformers' default max_length 20 includes the prompt
+    greedy = Generator(model, tokenizer).complete([prompt], SamplingParams(max_new_tokens=20 - len(prompt)))[0][0]
+    assert completion.shape == (1, 20) and completion[0].tolist() == prompt + greedy.token_ids
+    assert text == truncate_before_pattern(tokenizer.decode(completion[0]), [r"\n\n^#", "^'''", "\n\n\n"])
 
 
 def test_stop_strings_and_streaming(tiny_checkpoint):
