@@ -114,6 +114,7 @@ class Chat:
 
     @contextlib.contextmanager
     def _ctrl_c_sets_stopping(self) -> Iterator[None]:
+        """Within the block Ctrl-C only sets ``stopping`` (see the module's docstring)."""
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers belong to the main thread; no Ctrl-C reaches this one
             return
