@@ -1,31 +1,47 @@
-"""Shared fixtures. Tests never touch the network: the hub is forced offline."""
+"""Shared fixtures. Tests never touch the network (the hub is forced offline) nor the developer's caches: the
+hub cache, XDG folders and our own cache live in a temporary folder for the whole session, set here before
+anything imports huggingface_hub (which reads them once, at import), so what someone downloaded before cannot
+change an outcome (a cached Salesforce/codegen-350M-mono, say)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+if "huggingface_hub" in sys.modules:  # a plugin imported it first: its cache paths are already fixed
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py could point its cache at a temporary folder")
+ISOLATED = Path(tempfile.mkdtemp(prefix="codegen-lm-tests-"))
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_HOME=str(ISOLATED / "hf"),
+    HF_HUB_CACHE=str(ISOLATED / "hf" / "hub"),  # wins over HF_HOME, so a developer's own setting must go too
+    XDG_CACHE_HOME=str(ISOLATED / "cache"),
+    XDG_STATE_HOME=str(ISOLATED / "state"),  # chat sessions and history
+    CODEGEN_LM_CACHE=str(ISOLATED / "codegen-lm"),  # tokenized training data
+)
+for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE",
+               "HF_TOKEN_PATH"):  # these follow HF_HOME once unset
+    os.environ.pop(legacy, None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not beside this checkout")
-    return SHARED
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(ISOLATED, ignore_errors=True)
 
 
 DATA = REPO / "src" / "codegen_lm" / "data"
 
 
 def build_model(seed: int = 0, **overrides):
-    """A small random-weight CodeGenForCausalLM (std 0.02, so greedy output does not collapse at once)."""
+    """A small random-weight CodeGenForCausalLM as ``__init__`` makes it: matrices with std 0.02 (greedy output
+    does not collapse into one repeated token, see ``randomize_``), biases 0, layer norms 1."""
     import torch
 
     from codegen_lm import CodeGenConfig, CodeGenForCausalLM
@@ -34,6 +50,31 @@ def build_model(seed: int = 0, **overrides):
     fields.update(overrides)
     torch.manual_seed(seed)
     return CodeGenForCausalLM(CodeGenConfig(**fields)).eval()
+
+
+def randomize_(model):
+    """Weights whose mistakes show in the logits: matrices with std 1/sqrt(fan_in), layer norms and biases away from
+    1 and 0. Fresh from ``__init__`` the logits spread only ~0.16 (std), too little for a tolerance to tell a wrong
+    tensor from rounding, and every bias is 0 and every norm weight 1, so a mis-mapped one goes unseen.
+
+    Collapse into one repeated token is a std-0.05 problem (DESIGN §6), not a std-0.02 one: measured on the 64-wide
+    2-layer shape, 32 greedy tokens from 8 random prompts ended in one token repeated for 2 of 8 prompts with std
+    0.05, for none with std 0.02 or with these weights (vocab 1000 and 51200)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+            else:
+                p.copy_(float("ln" in name and name.endswith("weight")) + 0.05 * torch.randn_like(p))
+    return model
+
+
+def relative_error(got, expected) -> float:
+    """||got - expected|| / ||expected|| (Frobenius norms), in fp32."""
+    got, expected = got.float(), expected.float()
+    return float((got - expected).norm() / expected.norm())
 
 
 def save_checkpoint(folder: Path, seed: int = 0, with_tokenizer: bool = True, **overrides) -> Path:

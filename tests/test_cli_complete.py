@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from codegen_lm import AutoTokenizer
+from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.tokenizer import truncate_before_pattern
 
 
@@ -40,13 +41,22 @@ def test_complete_greedy_json_stream_and_truncate_agree(tiny_checkpoint):
 
 
 def test_complete_sampling_is_seeded_and_reads_stdin_and_files(tiny_checkpoint, tmp_path):
-    model = ["--model", str(tiny_checkpoint), "-n", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
-    a = run("-", *model, stdin="import os\n")
+    """The CLI samples what ``Generator`` samples with the same settings, another seed gives another text, and the
+    prompt comes the same from an argument's file or stdin."""
+    settings = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    model = ["--model", str(tiny_checkpoint), "-n", "12", "--temperature", "0.8", "--top-p", "0.9"]
+    from_stdin = run("-", *model, "--seed", "3", stdin="import os\n")
     prompt_file = tmp_path / "prompt.py"
     prompt_file.write_text("import os\n")
-    b = run(f"@{prompt_file}", *model)
-    assert a.returncode == b.returncode == 0
-    assert a.stdout == b.stdout and a.stdout.startswith("import os\n")
+    sampled = json.loads(run(f"@{prompt_file}", *model, "--seed", "3", "--json").stdout)
+    other = json.loads(run("import os\n", *model, "--seed", "4", "--json").stdout)
+    assert from_stdin.returncode == 0 and from_stdin.stdout == "import os\n" + sampled["completion"] + "\n"
+
+    generator = Generator.from_pretrained(str(tiny_checkpoint))
+    expected = generator.complete(["import os\n"], SamplingParams(**settings))[0][0]
+    greedy = generator.complete(["import os\n"], SamplingParams(max_new_tokens=12))[0][0]
+    assert sampled["token_ids"] == expected.token_ids and sampled["completion"] == expected.text
+    assert other["token_ids"] != expected.token_ids and expected.token_ids != greedy.token_ids
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import randomize_
 from safetensors.torch import load_file
 
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
@@ -31,18 +32,6 @@ SHAPES = {
     "rotary=head_dim-3layers": dict(n_layer=3, n_embd=64, n_head=4, rotary_dim=16),
     "8heads-n_inner": dict(n_layer=2, n_embd=96, n_head=8, rotary_dim=4, n_inner=200),
 }
-
-
-def randomize_(model: CodeGenForCausalLM) -> CodeGenForCausalLM:
-    """Matrices with std 1/sqrt(fan_in) (with 0.02 or 0.05, greedy output of these small models collapses into
-    one repeated token, DESIGN §6), layer norms and biases away from 1 and 0."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, p.shape[1] ** -0.5)
-            else:
-                p.copy_(float("ln" in name and name.endswith("weight")) + 0.05 * torch.randn_like(p))
-    return model
 
 
 def random_model(seed: int = 0, **overrides) -> CodeGenForCausalLM:

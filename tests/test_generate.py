@@ -8,8 +8,8 @@ import transformers
 from conftest import build_model
 
 from codegen_lm import AutoModelForCausalLM, AutoTokenizer, CodeGenForCausalLM
-from codegen_lm.tokenizer import CODEGEN_TOKENS
 from codegen_lm.engine import Generator, SamplingParams, Scheduler
+from codegen_lm.tokenizer import CODEGEN_TOKENS, truncate_before_pattern
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def test_against_hf_greedy_generate_batched_and_alone(pair):
     b = theirs.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=50256,
                         suppress_tokens=list(range(CODEGEN_TOKENS, ours.config.vocab_size)))
     assert a.shape == b.shape == (3, 48)
+    assert all(len(set(row[16:].tolist())) > 3 for row in a)  # not outputs collapsed into one repeated token
     assert torch.equal(a, b)
     for row in range(3):
         alone = ours.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=32)
@@ -82,8 +83,10 @@ def test_seed_example_runs_verbatim(tiny_checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     completion = model.generate(**tokenizer("def hello_world():", return_tensors="pt"))
     text = tokenizer.decode(completion[0], truncate_before_pattern=[r"\n\n^#", "^'''", "\n\n\n"])
-    assert text.startswith("def hello_world():")
-    assert completion.shape == (1, 20)
+    prompt = tokenizer.encode("def hello_world():")  # transformers' default max_length 20 includes the prompt
+    greedy = Generator(model, tokenizer).complete([prompt], SamplingParams(max_new_tokens=20 - len(prompt)))[0][0]
+    assert completion.shape == (1, 20) and completion[0].tolist() == prompt + greedy.token_ids
+    assert text == truncate_before_pattern(tokenizer.decode(completion[0]), [r"\n\n^#", "^'''", "\n\n\n"])
 
 
 def test_stop_strings_and_streaming(tiny_checkpoint):

@@ -4,6 +4,7 @@ running by turn in the sandbox, and the session file (lossless round trip, hand-
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -373,3 +374,24 @@ def test_save_refuses_what_it_could_not_load_back(tmp_path):
     with pytest.raises(ValueError, match="marker"):
         Session(prelude="# %% turn 1\n")
     assert Session(prelude="import os").prelude == "import os\n"  # the first spec must start a line
+
+
+@pytest.mark.parametrize("failing", ["write", "rename"])
+def test_a_failed_save_leaves_the_previous_file_whole(tmp_path, monkeypatch, failing):
+    """Saving writes a temporary file beside the session file and renames it over it: a disk that fills up during the
+    write, or a rename that fails, leaves the previous file as it was, and no temporary file behind."""
+    path = tmp_path / "s.py"
+    session = Session(turns=[("Assign 42 to x.", "x = 42\n")])
+    session.save(path)
+    before = path.read_bytes()
+    session.edit(0, "x = 43\n" * 10_000)
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync" if failing == "write" else "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        session.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and Session.load(path).turns == (Turn("Assign 42 to x.", "x = 42\n"),)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.py"]

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import relative_error
 
 from codegen_lm.config import CodeGenConfig
 from codegen_lm.model import CodeGenForCausalLM
@@ -139,7 +140,7 @@ def test_loss_decreases_and_outputs(make_cfg, tmp_path):
     ours = load_model(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok.encode("def f1_2(x):\n    return")])
-    transformers = pytest.importorskip("transformers")
+    import transformers
     theirs = transformers.CodeGenForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits.float(), rtol=1e-4, atol=1e-4)
@@ -163,6 +164,60 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path):
     assert len(losses(tmp_path / "full")) == 12
 
 
+@pytest.mark.parametrize("failing", ["checkpoint write", "checkpoint rename", "log line"])
+def test_a_full_disk_loses_nothing_that_resuming_needs(make_cfg, tmp_path, monkeypatch, failing):
+    """A checkpoint is written in a temporary folder and renamed into place: a disk that fills up while step 8's is
+    written, or a failed rename, leaves step 4's whole. A metrics line cut short (step 9's) is dropped. Resuming
+    then gives the uninterrupted run."""
+    from codegen_lm.checkpoint import load_model
+    from codegen_lm.train import loop
+
+    full = make_cfg(out=str(tmp_path / "full"))
+    train(full)
+    cfg = make_cfg(out=str(tmp_path / "cut"))
+    full_disk = OSError(28, "No space left on device")
+    if failing == "checkpoint write":
+        save = torch.save
+
+        def fail(obj, path, *args, **kwargs):
+            if "step-00000008" in str(path) and str(path).endswith("trainer_state.pt"):
+                raise full_disk
+            return save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", fail)
+    elif failing == "checkpoint rename":
+        rename = os.replace
+
+        def fail(src, dst):
+            if str(dst).endswith("step-00000008"):
+                raise full_disk
+            return rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", fail)
+    else:
+        append = loop._append_metrics
+
+        def fail(path, record, env):
+            if record["step"] == 9:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record)[:12])
+                raise full_disk
+            append(path, record, env)
+
+        monkeypatch.setattr(loop, "_append_metrics", fail)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    last = "step-00000008" if failing == "log line" else "step-00000004"
+    assert sorted(p.name for p in checkpoints.glob("step-*"))[-1] == last
+    assert loop.latest_checkpoint(checkpoints) == checkpoints / last
+    assert load_model(checkpoints / last).state_dict().keys() == load_model(tmp_path / "full").state_dict().keys()
+    assert torch.load(checkpoints / last / "trainer_state.pt", weights_only=False)["step"] == int(last[-8:])
+    train(dataclasses.replace(cfg, resume=True))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
 @pytest.mark.slow
 def test_grad_checkpointing_and_accumulation_give_the_same_losses(make_cfg, tmp_path):
     train(make_cfg(out=str(tmp_path / "plain"), steps=5))
@@ -174,7 +229,8 @@ def test_bf16_autocast_tracks_fp32(make_cfg, tmp_path):
     train(make_cfg(out=str(tmp_path / "fp32"), steps=3, warmup_steps=1))
     train(make_cfg(out=str(tmp_path / "bf16"), steps=3, warmup_steps=1, precision="bf16"))
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
-    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)  # bf16 matmuls, fp32 master weights and loss
+    # bf16 matmuls, fp32 master weights and loss: measured within 2e-4 of fp32's ~5.5 (an AMD Zen 4)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=2e-3)
     from codegen_lm.checkpoint import load_model
 
     assert load_model(tmp_path / "bf16").lm_head.weight.dtype == torch.float32
@@ -217,7 +273,6 @@ def test_two_processes_match_one(make_cfg, tmp_path, fsdp):
 
 @pytest.mark.slow
 def test_lora_finetune_merges_into_a_full_checkpoint(make_cfg, tmp_path, tiny_tok):
-    pytest.importorskip("peft")
     from codegen_lm.checkpoint import load_model
 
     torch.manual_seed(0)
@@ -232,8 +287,19 @@ def test_lora_finetune_merges_into_a_full_checkpoint(make_cfg, tmp_path, tiny_to
     assert "adapter.safetensors" in os.listdir(out / "checkpoints" / "step-00000008")
     merged, original = load_model(out).state_dict(), load_model(tmp_path / "base").state_dict()
     assert set(merged) == set(original)
-    assert not merged["transformer.h.0.attn.qkv_proj.weight"].equal(original["transformer.h.0.attn.qkv_proj.weight"])
     assert merged["transformer.wte.weight"].equal(original["transformer.wte.weight"])  # frozen outside the adapters
+    # The merged checkpoint computes what the base model with the saved adapter computes (through peft, unmerged):
+    # a wrong scale (alpha / r) or a qkv layout mixed up in the merge or the save would not.
+    from peft import PeftModel
+
+    ids = torch.randint(0, 295, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = load_model(tmp_path / "base")(ids).logits
+        adapted = PeftModel.from_pretrained(load_model(tmp_path / "base"), str(out / "adapter")).eval()
+        expected = adapted(ids).logits
+        got = load_model(out)(ids).logits
+    assert relative_error(base_logits, expected) > 0.01  # the adapter matters, so the comparison means something
+    assert relative_error(got, expected) < 1e-5
 
     # Resuming a LoRA run restores the adapter and optimizer: the losses match an uninterrupted run.
     def interrupt(step, metrics):

@@ -8,18 +8,29 @@ every change, so a crash loses nothing: the file given on the command line, the 
 When stdin or stdout is not a terminal it reads one spec (or command) per line and prints each turn as
 ``# spec`` + code + a blank line, so that the prelude followed by the output is the program; notes go to
 stderr and the exit status is 1 if any line failed.
+
+Ctrl-C. A KeyboardInterrupt raised wherever the main thread happens to be can land inside rich's Live setup
+(leaving the cursor hidden and output redirected), inside the commit of a stopped turn, or in the session save,
+and one typed just after Enter reaches prompt_toolkit while the terminal is still raw, as a key for the *next*
+prompt, while the generation it meant to stop runs to its end. So while the REPL runs, SIGINT only sets
+``Chat.stopping``, which generation checks before every decode step; it raises KeyboardInterrupt only in the
+blocks that wait on something else (reading a line, ``/run``'s program), and a Ctrl-C that prompt_toolkit read
+after Enter counts as pressed after Enter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,9 +40,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from .engine import Generator, SamplingParams
+from .engine import GenerationError, Generator, SamplingParams
 from .sandbox import PASSED
-from .session import MTPB_PRELUDE, Session, format_turn, read_session_file
+from .session import MTPB_PRELUDE, Session, TurnStream, format_turn, read_session_file
 
 COMMANDS = {
     "/run": "run the program in the sandbox; output and errors by turn",
@@ -64,34 +75,85 @@ def new_session_path() -> Path:
 
 
 class Chat:
-    """The REPL: reads lines, runs commands, keeps ``path`` up to date with the session."""
+    """The REPL: reads lines, runs commands, keeps ``path`` up to date with the session. ``read`` (default: a
+    prompt_toolkit prompt, or stdin's lines when not interactive) and the consoles can be given (tests)."""
 
-    def __init__(self, session: Session, path: Path, interactive: bool):
+    def __init__(self, session: Session, path: Path, interactive: bool, read: Callable[[str], str] | None = None,
+                 out: Console | None = None, err: Console | None = None):
         self.session, self.path, self.interactive = session, path, interactive
         # Scripted output must not be wrapped at 80 columns: it is code and program output.
-        self.out = Console(highlight=False, soft_wrap=not interactive)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=not interactive)
+        self.out = out or Console(highlight=False, soft_wrap=not interactive)
+        self.err = err or Console(stderr=True, highlight=False, soft_wrap=not interactive)
         self.failed = False
-        self._read: Callable[[str], str] = self._prompt_reader() if interactive else _line_reader()
+        self.stopping = threading.Event()  # Ctrl-C was pressed since the current line was entered
+        self._terminal_input = None  # prompt_toolkit's input, to find a Ctrl-C it read after Enter
+        self._read: Callable[[str], str] = read or (self._prompt_reader() if interactive else _line_reader())
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def loop(self) -> int:
-        if not self.path.exists():
-            self.session.save(self.path)
-        if self.interactive:
-            self.note(f"session file: {self.path} (saved after every change) · /help for commands")
-        while True:
-            try:
-                line = self._read(f"{len(self.session.turns) + 1}> ")
-            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
-                continue
-            except EOFError:
-                break
-            if not self.handle(line.strip()):
-                break
-        self.note(f"session saved in {self.path}")
+        with self._ctrl_c_sets_stopping():
+            if not self.path.exists():
+                self.session.save(self.path)
+            if self.interactive:
+                self.note(f"session file: {self.path} (saved after every change) · /help for commands")
+            while True:
+                self.stopping.clear()
+                try:
+                    with self._ctrl_c_raises():
+                        line = self._read(f"{len(self.session.turns) + 1}> ")
+                except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+                    continue
+                except EOFError:
+                    break
+                self._take_ctrl_c_typed_after_enter()
+                if not self.handle(line.strip()):
+                    break
+            self.note(f"session saved in {self.path}")
         return 1 if self.failed and not self.interactive else 0
+
+    @contextlib.contextmanager
+    def _ctrl_c_sets_stopping(self) -> Iterator[None]:
+        """Within the block Ctrl-C only sets ``stopping`` (see the module's docstring)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; no Ctrl-C reaches this one
+            return
+        previous = signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def _ctrl_c_raises(self) -> Iterator[None]:
+        """Within the block Ctrl-C raises KeyboardInterrupt (at once, if it was pressed after Enter)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            if self.stopping.is_set():
+                raise KeyboardInterrupt
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _take_ctrl_c_typed_after_enter(self) -> None:
+        """A Ctrl-C typed right after Enter, while prompt_toolkit still held the terminal in raw mode, is a key
+        it keeps for the next prompt (or a byte still queued): take it as pressed after Enter, and drop what was
+        typed before it, as the terminal itself flushes its input on Ctrl-C."""
+        if self._terminal_input is None:
+            return
+        from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
+        from prompt_toolkit.keys import Keys
+
+        terminal = self._terminal_input
+        keys = get_typeahead(terminal) + terminal.read_keys() + terminal.flush_keys()
+        ctrl_c = [i for i, key in enumerate(keys) if key.key == Keys.ControlC]
+        if ctrl_c:
+            self.stopping.set()
+            keys = keys[ctrl_c[-1] + 1 :]
+        store_typeahead(terminal, keys)
 
     def handle(self, line: str) -> bool:
         """Run one input line; False to quit. Errors are shown, never fatal; changes are saved at once."""
@@ -109,7 +171,7 @@ class Chat:
                 self.say(line)
         except KeyboardInterrupt:
             self.note("stopped")
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, GenerationError) as e:  # (a failed generation adds no turn)
             self.error(str(e))
         if self.session is session and self.session.version != before:
             try:
@@ -136,37 +198,29 @@ class Chat:
     # -- turns ----------------------------------------------------------------------------------------
 
     def say(self, spec: str) -> None:
-        self._generate(self.session.stream(spec))
+        self._generate(self.session.stream(spec, stop=self.stopping.is_set))
 
-    def _generate(self, stream) -> None:
+    def _generate(self, stream: TurnStream) -> None:
         if stream.dropped:
             self.note(
                 f"turns 1-{stream.dropped} no longer fit in the model's context with max_new_tokens "
                 f"{self.session.params.max_new_tokens}: left out of the prompt (still in the session)"
             )
         number = len(self.session.turns) + (0 if stream.replace_last else 1)
-        stopped = False
         if self.interactive:
             code = ""
-            with Live(self.show_code(""), console=self.out, refresh_per_second=15, vertical_overflow="visible") as live:
-                try:
-                    for piece in stream:
-                        code += piece
-                        live.update(self.show_code(code), refresh=True)
-                except KeyboardInterrupt:
-                    stream.stop()
-                    stopped = True
-                live.update(self.show_code(stream.turn.code if stream.turn else ""), refresh=True)
+            # Refreshed after each piece, not by a thread of its own.
+            with Live(self.show_code(""), console=self.out, auto_refresh=False, vertical_overflow="visible") as live:
+                for piece in stream:
+                    code += piece
+                    live.update(self.show_code(code), refresh=True)
         else:
-            try:
-                for _ in stream:
-                    pass
-            except KeyboardInterrupt:
-                stream.stop()
-                stopped = True
+            for _ in stream:
+                pass
             if stream.turn is not None:
                 self.out.out(format_turn(stream.spec, stream.turn.code), end="")
                 self.out.file.flush()
+        stopped = stream.finish_reason == "abort"
         if stopped and stream.turn is None:
             self.note("stopped before any code; nothing added")
         elif stopped:
@@ -179,17 +233,18 @@ class Chat:
         if n < 1:
             raise ValueError("/retry N needs N >= 1")
         if n == 1:
-            self._generate(self.session.stream_retry())
+            self._generate(self.session.stream_retry(stop=self.stopping.is_set))
             return
-        if self.interactive:
-            with self.out.status(f"sampling {n} alternatives…"):
-                options = self.session.alternatives(n)
-        else:
-            options = self.session.alternatives(n)
+        with self.out.status(f"sampling {n} alternatives…") if self.interactive else contextlib.nullcontext():
+            options = self.session.alternatives(n, stop=self.stopping.is_set)
+        if options is None:
+            self.note("stopped; the turn is unchanged")
+            return
         for k, code in enumerate(options, 1):
             self.out.rule(f"alternative {k}")
             self._print_code(code)
-        choice = self._read(f"keep which (1-{n}, Enter keeps the current code)? ").strip()
+        with self._ctrl_c_raises():
+            choice = self._read(f"keep which (1-{n}, Enter keeps the current code)? ").strip()
         if choice:
             k = _int(choice, "the choice")
             if not 1 <= k <= n:
@@ -227,10 +282,7 @@ class Chat:
             self.out.out(program, end="", highlight=False)
 
     def cmd_run(self, arg: str) -> None:
-        if self.interactive:
-            with self.out.status("running…"):
-                result = self.session.run()
-        else:
+        with self.out.status("running…") if self.interactive else contextlib.nullcontext(), self._ctrl_c_raises():
             result = self.session.run()
         for i, output in enumerate(result.outputs):
             if output is None or not (output.stdout or output.stderr):
@@ -278,7 +330,8 @@ class Chat:
             table.add_row(command, what)
         self.out.print(Text("Type what the next step of the program should do; its code is generated."))
         self.out.print(table)
-        self.out.print(Text(f"Ctrl-C stops a generation. The session is saved in {self.path}.", style="dim"))
+        self.out.print(Text(f"Ctrl-C stops a generation (or /run) and, at the prompt, clears the line. The session is "
+                            f"saved in {self.path}.", style="dim"))
 
     def _print_code(self, code: str) -> None:
         if self.interactive:
@@ -303,6 +356,7 @@ class Chat:
             completer=WordCompleter(commands, sentence=True),
             complete_while_typing=False,
         )
+        self._terminal_input = prompt.input
         return prompt.prompt
 
 

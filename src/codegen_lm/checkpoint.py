@@ -289,8 +289,6 @@ def save_model(
     config.save_pretrained(out)
 
     base, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    for old in out.glob(f"{base}*.{ext}*"):
-        old.unlink()  # stale shards of an earlier save would be picked up by the index otherwise
     shards = _shards(state, parse_size(max_shard_size))
     names = [f"{base}.{ext}"] if len(shards) == 1 else [
         f"{base}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
@@ -302,7 +300,14 @@ def save_model(
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
-        atomic_write_text(out / f"{base}.{ext}.index.json", json.dumps(index, indent=2) + "\n")
+        names.append(f"{base}.{ext}.index.json")
+        atomic_write_text(out / names[-1], json.dumps(index, indent=2) + "\n")
+    # Only now, so that a save failing part way leaves the earlier one loadable (each file is replaced atomically;
+    # only a sharded save over one with as many shards mixes them until its index is in place): the earlier save's
+    # other files (shards an index would pick up, a single file that would take precedence over an index).
+    for old in out.glob(f"{base}*.{ext}*"):
+        if old.name not in names:
+            old.unlink()
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, safe: bool) -> None:

@@ -149,12 +149,18 @@ class CodeCutter:
         return piece
 
 
-def sample_codes(generator: Generator, prompt: str, params: SamplingParams, cutters: Sequence[CodeCutter]) -> Iterator[tuple[int, str]]:
+def sample_codes(generator: Generator, prompt: str, params: SamplingParams, cutters: Sequence[CodeCutter],
+                 stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
     """Sample ``params.n`` turn codes for ``prompt`` into ``cutters`` (one each); yields ``(index, new code)``
-    as code becomes certain, and ends the request once every sample is cut."""
+    as code becomes certain, and ends the request once every sample is cut. ``stop()`` is asked before each
+    scheduler step (the first prefills the prompt, each later one decodes a token): once it is true the request
+    ends there, leaving the cutters that are not done unfinished."""
     scheduler = generator.scheduler()
     request = scheduler.add_request(prompt, params)
     while scheduler.has_unfinished():
+        if stop is not None and stop():
+            scheduler.abort(request)
+            return
         for out in scheduler.step():
             if out.error is not None:
                 raise GenerationError(f"generation failed: {out.error}")
@@ -329,11 +335,12 @@ def run_program(prelude: str, turns: Sequence[tuple[str, str]], sandbox: Any, li
 
 class TurnStream:
     """The code of one turn while it is generated. Iterating yields pieces of code as they become certain;
-    when the iteration ends the turn is in the session (``turn``). ``stop()`` (on Ctrl-C, say) keeps the code
-    generated so far instead; a stream abandoned unfinished changes nothing."""
+    when the iteration ends the turn is in the session (``turn``). Generation stops early, keeping the code so
+    far as the turn (``finish_reason`` "abort"), when ``stop()`` (asked before every decode step) turns true, or
+    when ``stop()`` the method is called on an abandoned iteration; a stream abandoned unfinished changes nothing."""
 
-    def __init__(self, session: "Session", spec: str, replace_last: bool):
-        self.session, self.spec, self.replace_last = session, check_spec(spec), replace_last
+    def __init__(self, session: "Session", spec: str, replace_last: bool, stop: Callable[[], bool] | None = None):
+        self.session, self.spec, self.replace_last, self._should_stop = session, check_spec(spec), replace_last, stop
         history = session.turns[:-1] if replace_last else session.turns
         self.prompt, self.dropped = session.prompt_for(spec, history)
         self.params = session._next_params(1)
@@ -350,9 +357,15 @@ class TurnStream:
         if self._started:
             raise ValueError("a TurnStream runs once; ask the session for a new one")
         self._started = True
-        for _, piece in sample_codes(self.session.generator, self.prompt, self.params, [self.cutter]):
+        for _, piece in sample_codes(self.session.generator, self.prompt, self.params, [self.cutter], self._should_stop):
             yield piece
-        self._commit()
+        if self.cutter.done:
+            self._commit()
+            return
+        tail = self.cutter.finish("abort")  # asked to stop: the text held back so far is code too
+        if tail:
+            yield tail
+        self.stop()
 
     def stop(self) -> Turn | None:
         """End generation here and keep the code so far as the turn (nothing is added if there is none)."""
@@ -422,13 +435,13 @@ class Session:
         self.dropped = dropped
         return prompt, dropped
 
-    def stream(self, spec: str) -> TurnStream:
-        """A new turn for ``spec``, streamed; see :class:`TurnStream`."""
-        return TurnStream(self, spec, replace_last=False)
+    def stream(self, spec: str, stop: Callable[[], bool] | None = None) -> TurnStream:
+        """A new turn for ``spec``, streamed; see :class:`TurnStream` (and ``stop``)."""
+        return TurnStream(self, spec, replace_last=False, stop=stop)
 
-    def stream_retry(self) -> TurnStream:
+    def stream_retry(self, stop: Callable[[], bool] | None = None) -> TurnStream:
         """Another sample of the last turn's code, streamed; it replaces the current code when done."""
-        return TurnStream(self, self._last().spec, replace_last=True)
+        return TurnStream(self, self._last().spec, replace_last=True, stop=stop)
 
     def say(self, spec: str, on_text: Callable[[str], Any] | None = None) -> Turn:
         """Generate the code for a new turn; ``on_text`` sees each piece as it comes."""
@@ -438,15 +451,15 @@ class Session:
         """Replace the last turn's code with another sample (undo brings the old one back)."""
         return self._consume(self.stream_retry(), on_text)
 
-    def alternatives(self, n: int) -> list[str]:
+    def alternatives(self, n: int, stop: Callable[[], bool] | None = None) -> list[str] | None:
         """``n`` fresh samples of the last turn's code (one shared prefill), the session unchanged; keep one
-        with ``edit(-1, code)``."""
+        with ``edit(-1, code)``. None when ``stop()`` (asked before every decode step) turned true first."""
         last = self._last()
         prompt, _ = self.prompt_for(last.spec, self._turns[:-1])
         cutters = [CodeCutter() for _ in range(n)]
-        for _ in sample_codes(self._generator(), prompt, self._next_params(n), cutters):
+        for _ in sample_codes(self._generator(), prompt, self._next_params(n), cutters, stop):
             pass
-        return [c.code for c in cutters]
+        return [c.code for c in cutters] if all(c.done for c in cutters) else None
 
     @staticmethod
     def _consume(stream: TurnStream, on_text: Callable[[str], Any] | None) -> Turn:

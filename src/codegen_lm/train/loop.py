@@ -410,9 +410,12 @@ def check_out_dir(cfg: TrainConfig, data_key: str | None) -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A last line without its newline was cut short (a full disk, a crash while
+    appending) and is left out: it comes after the last checkpoint, so resuming redoes and logs its step again."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # the last: "" after the final newline, or a torn line
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
