@@ -1,0 +1,111 @@
+"""Multi-turn synthesis with and without the prefix cache: each turn's prompt re-sends the whole history, so without
+reuse every turn prefills more than the last. Time to the first token of each turn of MTPB problems with at least
+5 turns, in the two front ends that run turns: a `chat` session (``Session``) and `eval mtpb` (all 5 test cases of a
+problem advance together, one ``complete`` per turn). 350M shape, random weights, 2 threads.
+
+    python bench/multi_turn.py                  # 3 problems of >= 5 turns, fp32, 3 rounds
+    python bench/multi_turn.py --problems 1 --rounds 1
+
+Rounds interleave the cache settings; figures are medians over rounds and problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from machine import cpu_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_generator(checkpoint: Path, prefix_cache_mb: float | None, firsts: list[float]):
+    """A generator whose schedulers note the time from their creation to their first generated token."""
+    from codegen_lm.engine import Generator, Scheduler
+
+    class TimedScheduler(Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.created, self.first = time.perf_counter(), None
+
+        def step(self):
+            outputs = super().step()
+            if self.first is None and any(o.token_ids for o in outputs):
+                self.first = time.perf_counter()
+                firsts.append(self.first - self.created)
+            return outputs
+
+    class TimedGenerator(Generator):
+        def scheduler(self):
+            return TimedScheduler(self.model, self.tokenizer, self.max_batch, prefix_cache=self.prefix_cache,
+                                  prefill_chunk=self.prefill_chunk)
+
+    return TimedGenerator.from_pretrained(str(checkpoint), prefix_cache_mb=prefix_cache_mb)
+
+
+def chat_turns(generator, problem: dict, firsts: list[float]) -> list[float]:
+    from codegen_lm.engine import SamplingParams
+    from codegen_lm.evaluate.mtpb import fill
+    from codegen_lm.session import Session
+
+    firsts.clear()
+    session = Session(generator, params=SamplingParams(max_new_tokens=problem.get("max_gen_length", 128)))
+    for prompt in problem["prompts"]:
+        session.say(fill(prompt, problem["inputs"][0]))
+    return list(firsts)
+
+
+def eval_turns(generator, problem: dict, firsts: list[float], workdir: Path) -> list[float]:
+    from codegen_lm.evaluate import mtpb
+
+    firsts.clear()
+    path = workdir / f"mtpb-{os.getpid()}-{time.monotonic_ns()}.jsonl"
+    mtpb.generate_samples(generator, [problem], mtpb.Settings(problems="", model="", temperature=0.0), path)
+    path.unlink()
+    return list(firsts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=3, help="MTPB problems of at least 5 turns")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from editor_replay import checkpoint
+
+    from codegen_lm.evaluate import mtpb
+
+    print(f"cpu: {cpu_summary()}; torch {torch.__version__}, {args.threads} threads; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    problems = [p for p in mtpb.load_problems(None) if len(p["prompts"]) >= 5][: args.problems]
+    model = checkpoint(args.workdir, "350M")
+    firsts: list[float] = []
+    generators = {cache: timed_generator(model, None if cache else 0, firsts) for cache in (True, False)}
+    times: dict[tuple[str, bool], list[list[float]]] = {}
+    for _ in range(args.rounds):
+        for problem in problems:
+            for cache, generator in generators.items():
+                if generator.prefix_cache is not None:
+                    generator.prefix_cache.clear()  # every problem starts cold: only its own turns are reused
+                times.setdefault(("chat", cache), []).append(chat_turns(generator, problem, firsts))
+                times.setdefault(("eval mtpb", cache), []).append(eval_turns(generator, problem, firsts, args.workdir))
+    print(f"{'front end':10} {'cache':5} " + " ".join(f"{'turn ' + str(t):>8}" for t in range(1, 6)))
+    medians = {}
+    for (front, cache), runs in times.items():
+        medians[(front, cache)] = [statistics.median(run[t] for run in runs) for t in range(5)]
+        print(f"{front:10} {'on' if cache else 'off':5} " + " ".join(f"{m:7.2f}s" for m in medians[(front, cache)]))
+    for front in ("chat", "eval mtpb"):
+        on, off = medians[(front, True)], medians[(front, False)]
+        print(f"{front}: the 5th turn's first token {off[4] / on[4]:.1f}x sooner with the prefix cache "
+              f"({off[4]:.2f} s -> {on[4]:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
