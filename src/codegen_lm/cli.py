@@ -42,6 +42,12 @@ PREFIX_CACHE_OPTION = typer.Option(None, "--prefix-cache-mb", help="Memory (MB) 
 NO_PREFIX_CACHE_OPTION = typer.Option(False, "--no-prefix-cache", help="Reuse nothing computed for earlier requests.")
 PREFILL_CHUNK_OPTION = typer.Option(None, "--prefill-chunk", help="Prompt tokens one step computes while other "
                                     "sequences decode (default: 32 on CPU, 512 on CUDA).")
+SPECULATIVE_OPTION = typer.Option(None, "--speculative", help="Speculative decoding, the same outputs sooner: ngram "
+                                  "(continue repeats of earlier text; free to draft), draft (--draft-model), self-int4 "
+                                  "or self-int8 (this model quantized drafts for itself).")
+DRAFT_MODEL_OPTION = typer.Option(None, "--draft-model", help="A smaller CodeGen checkpoint (hub id or folder) that "
+                                  "drafts for --speculative draft; it shares the model's tokenizer.")
+SPECULATIVE_TOKENS_OPTION = typer.Option(4, "--num-speculative-tokens", help="Tokens proposed at most per step.")
 
 STANDARD_TRUNCATION = [r"\n\n^#", "^'''", "\n\n\n"]  # the seed documents' truncate_before_pattern list
 
@@ -66,8 +72,17 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def engine_options(prefix_cache_mb: float | None, no_prefix_cache: bool, prefill_chunk: int | None) -> dict:
+def engine_options(prefix_cache_mb: float | None, no_prefix_cache: bool, prefill_chunk: int | None,
+                   speculative: str | None = None, draft_model: str | None = None, speculative_tokens: int = 4) -> dict:
     """The engine's settings from the options every command that loads a model shares, checked."""
+    from .engine import SpeculativeConfig
+
+    if speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be at least 1 (got {speculative_tokens})")
+    if draft_model is not None and speculative != "draft":
+        raise ValueError("--draft-model drafts for --speculative draft; add that, or leave --draft-model out")
+    if speculative == "draft" and draft_model is None:
+        raise ValueError("--speculative draft needs --draft-model PATH (a smaller CodeGen checkpoint)")
     if no_prefix_cache and prefix_cache_mb is not None:
         raise ValueError("--no-prefix-cache and --prefix-cache-mb contradict each other; give one of them")
     if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
@@ -75,7 +90,9 @@ def engine_options(prefix_cache_mb: float | None, no_prefix_cache: bool, prefill
                          "turns the cache off")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be at least 1 token (got {prefill_chunk})")
-    return {"prefix_cache_mb": 0 if no_prefix_cache else prefix_cache_mb, "prefill_chunk": prefill_chunk}
+    config = SpeculativeConfig(speculative, speculative_tokens, draft_model) if speculative else None
+    return {"prefix_cache_mb": 0 if no_prefix_cache else prefix_cache_mb, "prefill_chunk": prefill_chunk,
+            "speculative": config}
 
 
 def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False, **engine: Any):
@@ -109,9 +126,13 @@ def complete_command(
     prefix_cache_mb: float = PREFIX_CACHE_OPTION,
     no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
     prefill_chunk: int = PREFILL_CHUNK_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_model: str = DRAFT_MODEL_OPTION,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
     """Complete a prompt: print the prompt followed by the generated code."""
-    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
+                            num_speculative_tokens)
     import json
 
     from .engine import SamplingParams
@@ -153,8 +174,13 @@ def complete_command(
         if len(completion) < len(result.text):  # the generated tokens that make up the kept text
             decode = generator.tokenizer.decode
             kept_ids = next(kept_ids[:k] for k in range(len(kept_ids) + 1) if len(decode(kept_ids[:k])) >= len(completion))
-        typer.echo(json.dumps({"prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason,
-                               "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens}))
+        typer.echo(json.dumps({
+            "prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason,
+            "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens,
+            "forward_passes": result.forward_passes, "tokens_per_forward_pass": round(
+                len(result.token_ids) / max(result.forward_passes, 1), 3), "proposed_tokens": result.proposed_tokens,
+            "accepted_tokens": result.accepted_tokens, "acceptance_rate": round(
+                result.accepted_tokens / result.proposed_tokens, 3) if result.proposed_tokens else None}))
     else:
         typer.echo(text + completion)
 
@@ -283,9 +309,13 @@ def eval_humaneval_command(
     prefix_cache_mb: float = PREFIX_CACHE_OPTION,
     no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
     prefill_chunk: int = PREFILL_CHUNK_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_model: str = DRAFT_MODEL_OPTION,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
     """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
-    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
+                            num_speculative_tokens)
     from pathlib import Path
 
     from .evaluate import humaneval
@@ -330,9 +360,13 @@ def eval_mtpb_command(
     prefix_cache_mb: float = PREFIX_CACHE_OPTION,
     no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
     prefill_chunk: int = PREFILL_CHUNK_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_model: str = DRAFT_MODEL_OPTION,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
     """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
-    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
+                            num_speculative_tokens)
     from pathlib import Path
 
     from .evaluate import mtpb
@@ -360,6 +394,9 @@ def serve_command(
     prefix_cache_mb: float = PREFIX_CACHE_OPTION,
     no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
     prefill_chunk: int = PREFILL_CHUNK_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_model: str = DRAFT_MODEL_OPTION,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
@@ -381,7 +418,8 @@ def serve_command(
     page at http://HOST:PORT/."""
     from .serve import Limits, serve
 
-    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
+                            num_speculative_tokens)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     serve(model, host, port, served_model_name=served_model_name, quantize=quantize, compile=compile, dtype=dtype,
           device=device, api_key_file=api_key_file, max_batch=max_batch, max_queue=max_queue, limits=limits,
@@ -407,10 +445,14 @@ def chat_command(
     prefix_cache_mb: float = PREFIX_CACHE_OPTION,
     no_prefix_cache: bool = NO_PREFIX_CACHE_OPTION,
     prefill_chunk: int = PREFILL_CHUNK_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_model: str = DRAFT_MODEL_OPTION,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
     """Write a program step by step: each line you type says what the next step should do, and the model writes
     its code (/help lists the commands). Without a terminal: one spec per line in, each turn's code out."""
-    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk)
+    engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
+                            num_speculative_tokens)
     from .chat import run
     from .engine import SamplingParams
 

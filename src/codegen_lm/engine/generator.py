@@ -14,6 +14,7 @@ from ..model import CodeGenForCausalLM
 from .compiled import compiled_decode_step
 from .prefix_cache import PrefixCache, kv_bytes_per_token
 from .sampling import SamplingParams
+from .speculate import SpeculativeConfig
 from .scheduler import Completion, GenerationError, Scheduler
 
 CONTEXTS_CACHED = 4  # the default prefix cache holds this many full contexts (see default_prefix_cache_mb)
@@ -43,16 +44,25 @@ class Generator:
       ``default_prefix_cache_mb``, 0 turns the prefix cache off.
     - ``prefill_chunk``: prompt tokens a step computes while other sequences decode (``Scheduler``); None takes the
       device's measured default.
+    - ``speculative``: speculative decoding (``SpeculativeConfig``); ``draft`` is its draft model (for ``draft`` and
+      the ``self-*`` methods; ``from_pretrained`` loads it).
     """
 
     def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16, compile: bool = False,
-                 prefix_cache_mb: float | None = None, prefill_chunk: int | None = None):
+                 prefix_cache_mb: float | None = None, prefill_chunk: int | None = None,
+                 speculative: SpeculativeConfig | None = None, draft: CodeGenForCausalLM | None = None):
         if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
             raise ValueError(f"the prefix cache budget must be >= 0 MB, 0 to turn it off (got {prefix_cache_mb})")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"the prefill chunk must be at least 1 token (got {prefill_chunk})")
+        if (draft is not None) != (speculative is not None and speculative.method != "ngram"):
+            raise ValueError(f"speculative method {speculative.method if speculative else None!r} "
+                             f"{'needs' if draft is None else 'takes no'} draft model")
+        if draft is not None and draft.device != model.device:
+            raise ValueError(f"the draft model is on {draft.device} and the model on {model.device}; load both on one "
+                             "device")
         self.model, self.tokenizer, self.max_batch, self.compile = model, tokenizer, max_batch, compile
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.speculative, self.draft = prefill_chunk, speculative, draft
         budget = default_prefix_cache_mb(model) if prefix_cache_mb is None else prefix_cache_mb
         self.prefix_cache = PrefixCache(model.config, model.dtype, model.device, int(budget * 2**20)) if budget else None
         if compile:
@@ -61,21 +71,46 @@ class Generator:
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_batch: int = 16, compile: bool = False,
                         prefix_cache_mb: float | None = None, prefill_chunk: int | None = None,
-                        **load_kwargs: Any) -> "Generator":
+                        speculative: SpeculativeConfig | str | None = None, **load_kwargs: Any) -> "Generator":
         """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
         int8/int4 with ``quantize=``, else fp32 weights through oneDNN on CPU: see ``codegen_lm.quantize``);
-        the generator owns this model."""
+        the generator owns this model. ``speculative`` (a ``SpeculativeConfig``, or just its method's name) loads the
+        draft model it needs: the ``draft_model`` checkpoint, or this one quantized for ``self-int4``/``self-int8``."""
         from ..checkpoint import load_model
         from ..tokenizer import AutoTokenizer
 
+        if isinstance(speculative, str):
+            speculative = SpeculativeConfig(speculative)
+        quantize = load_kwargs.get("quantize")
+        if speculative is not None and speculative.method.startswith("self-"):
+            own = speculative.method.removeprefix("self-")
+            if quantize in (own, "int4"):
+                raise ValueError(f"{speculative.method} drafts with this model quantized to {own}, and it already is "
+                                 f"{quantize}; use ngram or a draft model")
         model = load_model(name_or_path, inference=True, **load_kwargs)
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path), max_batch, compile, prefix_cache_mb,
-                   prefill_chunk)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        draft = None
+        if speculative is not None and speculative.method != "ngram":
+            draft_kwargs = {**load_kwargs, "dtype": model.dtype, "device": model.device}
+            if speculative.method == "draft":
+                draft_tokenizer = AutoTokenizer.from_pretrained(speculative.draft_model)
+                if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+                    raise ValueError(f"the draft model {speculative.draft_model} has another tokenizer ("
+                                     f"{len(draft_tokenizer)} tokens, {len(tokenizer)} here); a draft must share the "
+                                     "model's tokenizer, as every CodeGen checkpoint does")
+                draft = load_model(speculative.draft_model, inference=True, **draft_kwargs)
+                if draft.config.vocab_size < len(tokenizer):
+                    raise ValueError(f"the draft model has {draft.config.vocab_size} logit rows for a tokenizer of "
+                                     f"{len(tokenizer)} tokens")
+            else:
+                draft = load_model(name_or_path, inference=True, **{**draft_kwargs, "quantize": own})
+        return cls(model, tokenizer, max_batch, compile, prefix_cache_mb, prefill_chunk, speculative, draft)
 
     def scheduler(self) -> Scheduler:
-        """A scheduler over this generator's model, sharing its prefix cache."""
+        """A scheduler over this generator's model, sharing its prefix cache (and its draft model)."""
         return Scheduler(self.model, self.tokenizer, self.max_batch, compile=self.compile,
-                         prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk)
+                         prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk,
+                         speculative=self.speculative, draft=self.draft)
 
     @torch.inference_mode()
     def warm_up(self) -> int:

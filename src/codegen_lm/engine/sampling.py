@@ -53,35 +53,45 @@ def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor) -> torch.Tensor:
-    """One token per row of fp32 ``logits`` ``[b, vocab]``: argmax for greedy rows; else softmax(logits / T)
-    restricted to the top-k tokens and to the top-p nucleus, then inverse-CDF sampling (in vocabulary order)
-    at the row's uniform draw (``draw_uniforms``). Nothing here sorts the vocabulary: a full sort of 50k
-    probabilities per row and step costs more than the rest of sampling together. Rows are independent: a row
-    gets the same token whatever else is in the batch."""
+    """One token per row of fp32 ``logits`` ``[b, vocab]``: argmax for greedy rows; else inverse-CDF sampling (in
+    vocabulary order) of ``kept_probs`` at the row's uniform draw (``draw_uniforms``). Nothing here sorts the
+    vocabulary: a full sort of 50k probabilities per row and step costs more than the rest of sampling together.
+    Rows are independent: a row gets the same token whatever else is in the batch."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
     tokens = logits.argmax(dim=-1) if len(rows) < len(params) else logits.new_zeros(len(params), dtype=torch.long)
-    if not rows:
-        return tokens
+    if rows:
+        tokens[rows] = pick(kept_probs(logits[rows], [params[i] for i in rows]), draws[rows])
+    return tokens
+
+
+def kept_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """What sampling draws from, unnormalized, ``[b, vocab]``: softmax(logits / T) with the tokens outside the top-k
+    and outside the top-p nucleus set to 0 (the rows' params must not be greedy)."""
     device, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=device)[:, None]
-    probs = (logits[rows] / temps).softmax(dim=-1)
-    floor = torch.zeros(len(rows), dtype=probs.dtype, device=device)  # keep the tokens with p >= floor
-    top_k = [params[i].top_k if 0 < params[i].top_k < vocab else 0 for i in rows]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)[:, None]
+    probs = (logits / temps).softmax(dim=-1)
+    floor = torch.zeros(len(params), dtype=probs.dtype, device=device)  # keep the tokens with p >= floor
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         ranked = probs.topk(max(top_k), dim=-1).values  # ties with the k-th token are kept, as in transformers
         kth = ranked.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None]).squeeze(1)
         floor = torch.where(torch.tensor(top_k, device=device) > 0, kth, floor)
-    top_p = [params[i].top_p for i in rows]
+    top_p = [p.top_p for p in params]
     if min(top_p) < 1:
         nucleus = nucleus_floor(probs, torch.tensor(top_p, dtype=probs.dtype, device=device))
         floor = torch.maximum(floor, nucleus)
-    cdf = torch.where(probs >= floor[:, None], probs, 0).cumsum(dim=-1)
+    return torch.where(probs >= floor[:, None], probs, 0)
+
+
+def pick(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row of unnormalized ``probs`` ``[b, vocab]``, the token where the cumulative
+    mass first exceeds the row's draw ``[b]`` (in [0, 1)) times the total."""
+    cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    picked = torch.searchsorted(cdf, draws[rows].to(device=device, dtype=cdf.dtype)[:, None] * total, right=True)
+    picked = torch.searchsorted(cdf, draws.to(device=cdf.device, dtype=cdf.dtype)[:, None] * total, right=True)
     # A draw that rounds up to the total would land past the last kept token (on a padding row, say): stop there.
     last_kept = torch.searchsorted(cdf, total)
-    tokens[rows] = torch.minimum(picked, last_kept).squeeze(1)
-    return tokens
+    return torch.minimum(picked, last_kept).squeeze(1)
 
 
 def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 64) -> torch.Tensor:

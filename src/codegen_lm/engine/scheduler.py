@@ -27,6 +27,7 @@ from ..tokenizer import CODEGEN_TOKENS
 from .compiled import compiled_decode_step, idle_caches, static_decode_shapes
 from .prefix_cache import PrefixCache, common_length
 from .sampling import SamplingParams, draw_uniforms, sample
+from .speculate import Proposal, SpeculationState, SpeculativeConfig, Speculator
 from .text import TextStream
 
 # Prompt tokens a step computes while other sequences decode (their next token waits for the whole step).
@@ -50,6 +51,9 @@ class Completion:
     logprobs: list[float] | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
+    forward_passes: int = 0  # steps that produced tokens (several each when speculation kept proposals)
+    proposed_tokens: int = 0  # speculative proposals verified
+    accepted_tokens: int = 0  # of them, kept
 
 
 @dataclass
@@ -79,6 +83,10 @@ class SchedulerStats:
     prompt_tokens_computed: int = 0
     prompt_tokens_reused: int = 0
     steps: int = 0
+    decode_rows: int = 0  # a decoding sequence in a forward pass (a row-step)
+    decode_tokens: int = 0  # tokens those rows appended (more than one each when speculation keeps proposals)
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -97,12 +105,15 @@ class _Request:
 class _Sequence:
     request: _Request
     index: int
+    seed: int
     generator: torch.Generator
     stream: TextStream
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     computed: int = 0  # tokens whose keys and values are in the sequence's row
+    forward_passes: int = 0
+    speculation: SpeculationState = field(default_factory=SpeculationState)
 
     @property
     def length(self) -> int:
@@ -118,13 +129,14 @@ class _Sequence:
 
 @dataclass
 class _Plan:
-    """One step's work: the packed tokens, their segments, and whose logits are read (packed index per sequence)."""
+    """One step's work: the packed tokens, their segments, and whose logits are read."""
 
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     chunks: dict[int, int] = field(default_factory=dict)  # row -> prompt tokens computed this step
-    sampled: list[tuple[_Sequence, int]] = field(default_factory=list)
+    reads: list[tuple[_Sequence, int, int]] = field(default_factory=list)  # (sequence, first packed index, count)
+    proposals: dict[_Sequence, Proposal] = field(default_factory=dict)  # speculated tokens to verify
 
 
 class Scheduler:
@@ -137,7 +149,8 @@ class Scheduler:
     """
 
     def __init__(self, model: CodeGenForCausalLM, tokenizer: Any, max_batch: int = 16, eos_token_id: int | None = None,
-                 compile: bool = False, prefix_cache: PrefixCache | None = None, prefill_chunk: int | None = None):
+                 compile: bool = False, prefix_cache: PrefixCache | None = None, prefill_chunk: int | None = None,
+                 speculative: SpeculativeConfig | None = None, draft: CodeGenForCausalLM | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         prefill_chunk = default_prefill_chunk(model.device) if prefill_chunk is None else prefill_chunk
@@ -153,6 +166,8 @@ class Scheduler:
         # tokenizer (id-level generation) the CodeGen tokenizer's size is the limit.
         tokens = len(tokenizer) if tokenizer is not None else CODEGEN_TOKENS
         self.vocab_limit = min(tokens, self.config.vocab_size)
+        self.speculative, self.draft = speculative, draft
+        self.speculator = Speculator(speculative, model, self.vocab_limit, draft) if speculative else None
         self.cache: KVCache | None = None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
@@ -189,7 +204,8 @@ class Scheduler:
         base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         for index in range(params.n):
             generator = torch.Generator().manual_seed(base_seed + index)
-            self.waiting.append(_Sequence(request, index, generator, TextStream(self.tokenizer, params.stop)))
+            self.waiting.append(_Sequence(request, index, base_seed + index, generator,
+                                          TextStream(self.tokenizer, params.stop)))
         return request_id
 
     @torch.inference_mode()
@@ -220,18 +236,30 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
-        """Admit waiting sequences into free rows, then one forward pass: a token for every decoding sequence and
-        the next chunks of prompts being prefilled; then sample."""
+        """Admit waiting sequences into free rows, then one forward pass: a token for every decoding sequence (and
+        its speculated tokens) and the next chunks of prompts being prefilled; then sample."""
         outputs = self._admit()
         plan = self._plan()
         if plan.ids:
             logits = self._forward(plan)
             self._advance(plan)
-            firsts = [(seq, i) for i, (seq, _) in enumerate(plan.sampled) if not seq.token_ids]
-            for seq, i in firsts:  # a prompt just completed: its samples start from its last logits
-                seq.request.first_logits = logits[i].clone()
-            if plan.sampled:
-                outputs += self._append_all([seq for seq, _ in plan.sampled], logits)
+            plain, plain_logits, offset = [], [], 0
+            for seq, _, count in plan.reads:
+                rows, offset = logits[offset : offset + count], offset + count
+                if not seq.token_ids:  # a prompt just completed: its samples start from its last logits
+                    seq.request.first_logits = rows[0].clone()
+                else:
+                    seq.computed += 1  # the token fed this step is in the cache now
+                    self.stats.decode_rows += 1
+                    self.stats.decode_tokens += seq not in plan.proposals  # (speculating rows count in _verify)
+                seq.forward_passes += 1
+                if seq in plan.proposals:
+                    outputs += self._verify(seq, rows, plan.proposals[seq])
+                else:
+                    plain.append(seq)
+                    plain_logits.append(rows[0])
+            if plain:
+                outputs += self._append_all(plain, torch.stack(plain_logits))
             outputs += self._admit(siblings_only=True)  # samples of a prompt completed this step start now
         self._release_prefixes()
         self._free_finished()
@@ -311,8 +339,9 @@ class Scheduler:
             self.cache.k[:, row, :length], self.cache.v[:, row, :length] = request.prefix
 
     def _plan(self) -> _Plan:
-        """A token for every decoding sequence; prompt chunks for those prefilling, fewest tokens left first (a short
-        follow-up prompt is not kept waiting behind a long one), up to the step's budget."""
+        """A token for every decoding sequence (with speculated ones where the step has room); prompt chunks for
+        those prefilling, fewest tokens left first (a short follow-up prompt is not kept waiting behind a long one),
+        up to the step's budget."""
         plan = _Plan()
         prefilling = [(row, s) for row, s in enumerate(self.running) if s.prefilling]
         budget = self.prefill_chunk if len(prefilling) < len(self.running) else self.prefill_chunk * IDLE_CHUNKS
@@ -321,26 +350,32 @@ class Scheduler:
                 break
             plan.chunks[row] = min(len(seq.request.prompt_ids) - seq.computed, budget)
             budget -= plan.chunks[row]
-        decoding: list[int] = []  # a run of consecutive decoding rows becomes one segment
+        decoding = [s for s in self.running if not s.prefilling]
+        if self.speculator is not None and decoding:
+            room = self.speculator.max_step_tokens - len(decoding) - sum(plan.chunks.values())
+            plan.proposals = self.speculator.propose(decoding, room) if room > 0 else {}
+        width = lambda s: 1 + len(plan.proposals[s].tokens) if s in plan.proposals else 1  # noqa: E731
+        run: list[int] = []  # consecutive decoding rows of one width become one segment
         for row, seq in enumerate(self.running + [None]):
+            if run and (seq is None or seq.prefilling or width(seq) != width(self.running[run[0]])):
+                self._plan_decode(plan, run, width(self.running[run[0]]))
+                run = []
             if seq is not None and not seq.prefilling:
-                decoding.append(row)
-                continue
-            if decoding:
-                self._plan_decode(plan, decoding)
-                decoding = []
-            if row in plan.chunks:
+                run.append(row)
+            elif row in plan.chunks:
                 self._plan_chunk(plan, row, seq, plan.chunks[row])
         return plan
 
-    def _plan_decode(self, plan: _Plan, rows: list[int]) -> None:
-        positions = [self.running[r].length - 1 for r in rows]
-        for r, position in zip(rows, positions):
-            plan.sampled.append((self.running[r], len(plan.ids)))
-            plan.ids.append(self.running[r].token_ids[-1])
-            plan.positions.append(position)
-        kv_len = max(positions) + 1
-        plan.segments.append(Segment(slice(rows[0], rows[-1] + 1), 1, kv_len, aligned=min(positions) == kv_len - 1))
+    def _plan_decode(self, plan: _Plan, rows: list[int], width: int) -> None:
+        starts = [self.running[r].length - 1 for r in rows]  # each row's last token, then its proposals
+        for r, start in zip(rows, starts):
+            seq = self.running[r]
+            plan.reads.append((seq, len(plan.ids), width))
+            plan.ids += [seq.token_ids[-1]] + (plan.proposals[seq].tokens if width > 1 else [])
+            plan.positions += range(start, start + width)
+        kv_len = max(starts) + width
+        aligned = width == 1 and min(starts) == kv_len - 1
+        plan.segments.append(Segment(slice(rows[0], rows[-1] + 1), width, kv_len, aligned))
 
     def _plan_chunk(self, plan: _Plan, row: int, seq: _Sequence, count: int) -> None:
         start = seq.computed
@@ -348,15 +383,15 @@ class Scheduler:
         plan.positions += range(start, start + count)
         plan.segments.append(Segment(slice(row, row + 1), count, start + count, aligned=start == 0))
         if start + count == len(seq.request.prompt_ids):
-            plan.sampled.append((seq, len(plan.ids) - 1))
+            plan.reads.append((seq, len(plan.ids) - 1, 1))
 
     def _forward(self, plan: _Plan) -> torch.Tensor:
-        """The step's forward pass; fp32 logits of the sampled tokens, in ``plan.sampled`` order."""
+        """The step's forward pass; fp32 logits of the tokens read, in ``plan.reads`` order."""
         device, n = self.model.device, len(self.running)
         self._ensure_cache(n, max(s.kv_len for s in plan.segments))
-        if self._compiled_step is not None and not plan.chunks and len(plan.segments) == 1:  # every row decodes
-            segment = plan.segments[0]
-            if self._static_shapes:
+        only = plan.segments[0]
+        if self._compiled_step is not None and not plan.chunks and len(plan.segments) == 1 and only.width == 1:
+            if self._static_shapes:  # every row decodes one token
                 # Static shapes: rows padded to a power of two (the padding rows are free rows, their token at slot
                 # 0), keys over the whole cache length.
                 rows = min(1 << (n - 1).bit_length(), self.cache.batch_size)
@@ -365,21 +400,19 @@ class Scheduler:
                 return self._compiled_step(tokens, where, self.cache, slice(0, rows), self.cache.max_len)[:n]
             return self._compiled_step(torch.tensor(plan.ids, device=device)[:, None],
                                        torch.tensor(plan.positions, device=device)[:, None], self.cache,
-                                       segment.rows, segment.kv_len, aligned=segment.aligned)
-        last = torch.tensor([i for _, i in plan.sampled], dtype=torch.long, device=device)
+                                       only.rows, only.kv_len, aligned=only.aligned)
+        last = [i for _, start, count in plan.reads for i in range(start, start + count)]
         return self.model.logits_packed(torch.tensor(plan.ids, device=device), torch.tensor(plan.positions, device=device),
-                                        plan.segments, self.cache, last)
+                                        plan.segments, self.cache, torch.tensor(last, dtype=torch.long, device=device))
 
     def _advance(self, plan: _Plan) -> None:
-        """Count what the step computed, and keep new prompt chunks in the prefix cache."""
-        for row, seq in enumerate(self.running):
-            if row in plan.chunks:
-                seq.computed += plan.chunks[row]
-                self.stats.prompt_tokens_computed += plan.chunks[row]
-                if self.prefix_cache is not None:
-                    self.prefix_cache.insert(seq.request.prompt_ids[: seq.computed], self.cache, row)
-            elif not seq.prefilling:
-                seq.computed += 1
+        """Count the prompt chunks computed, and keep them in the prefix cache."""
+        for row, count in plan.chunks.items():
+            seq = self.running[row]
+            seq.computed += count
+            self.stats.prompt_tokens_computed += count
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.request.prompt_ids[: seq.computed], self.cache, row)
 
     def _release_prefixes(self) -> None:
         for request in self.requests.values():
@@ -412,6 +445,32 @@ class Scheduler:
                 outputs.append(self._append(seq, token, row_logits))
             except Exception as e:  # detokenizing, stop strings: this sequence's own text
                 outputs.extend(self._fail_request(seq.request, f"processing its text failed ({type(e).__name__}: {e})"))
+        return outputs
+
+    def _verify(self, seq: _Sequence, logits: torch.Tensor, proposal: Proposal) -> list[SequenceOutput]:
+        """Keep the proposals the target agrees with, and append them with one token of the target's own; stops at the
+        first that ends the sequence (EOS, a stop string, the length limit). Failures are the request's alone."""
+        logits[:, self.vocab_limit :] = float("-inf")
+        if not torch.isfinite(logits[:, : self.vocab_limit]).all():
+            return self._fail_request(seq.request, "the model's logits hold NaN or inf")
+        try:
+            tokens = self.speculator.verify(seq, logits, proposal)
+        except Exception as e:
+            return self._fail_request(seq.request, f"sampling failed ({type(e).__name__}: {e})")
+        self.speculator.settle(seq, len(proposal.tokens), len(tokens) - 1)
+        self.stats.proposed_tokens += len(proposal.tokens)
+        self.stats.accepted_tokens += len(tokens) - 1
+        outputs = []
+        for j, (token, row) in enumerate(zip(tokens, logits)):
+            try:
+                outputs.append(self._append(seq, token, row))
+            except Exception as e:  # detokenizing, stop strings: this sequence's own text
+                return outputs + self._fail_request(seq.request, f"processing its text failed ({type(e).__name__}: {e})")
+            self.stats.decode_tokens += 1
+            if seq.finish_reason is not None:
+                break
+            if j < len(tokens) - 1:  # a kept proposal: it was fed with this step, so its keys and values are cached
+                seq.computed += 1
         return outputs
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor,
@@ -475,7 +534,8 @@ class Scheduler:
         if out.finished:
             logprobs = seq.logprobs if params.logprobs else None
             out.completion = Completion(seq.stream.text, list(seq.token_ids), seq.finish_reason, logprobs,
-                                        len(request.prompt_ids), request.cached_tokens)
+                                        len(request.prompt_ids), request.cached_tokens, seq.forward_passes,
+                                        seq.speculation.proposed, seq.speculation.accepted)
         return out
 
     # -- rows ------------------------------------------------------------------------------------------
@@ -495,6 +555,8 @@ class Scheduler:
             self.prefix_cache.insert(seq.tokens()[: seq.computed], self.cache, row)
 
     def _free_row(self, row: int) -> None:
+        if self.speculator is not None:
+            self.speculator.release(self.running[row])
         last = len(self.running) - 1
         if row != last:
             moved = self.running[last]

@@ -466,7 +466,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
           api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
           limits: P.Limits | None = None, max_connections: int = 1024, header_timeout: float = 10.0,
           shutdown_timeout: float = 30.0, log_level: str = "info", prefix_cache_mb: float | None = None,
-          prefill_chunk: int | None = None) -> None:
+          prefill_chunk: int | None = None, speculative: Any = None) -> None:
     """Load ``model`` and serve it with uvicorn until SIGINT/SIGTERM. Shutting down drains first: ``/health`` answers
     503 and in-flight requests get ``shutdown_timeout`` seconds to finish, then end with an error (see
     ``connections``)."""
@@ -476,8 +476,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     if host not in LOOPBACK and not keys:
         log.warning("listening on %s without API keys: anyone who can reach it can use it", host)
     # The same loading as every other command (on CPU, fp32 weights through oneDNN's matmul).
-    generator = Generator.from_pretrained(model, max_batch, compile, prefix_cache_mb, prefill_chunk, dtype=dtype,
-                                          device=device or "auto", quantize=quantize)
+    generator = Generator.from_pretrained(model, max_batch, compile, prefix_cache_mb, prefill_chunk, speculative,
+                                          dtype=dtype, device=device or "auto", quantize=quantize)
     if compile:  # before the first request, which would otherwise wait for the compiles (and everyone behind it)
         from rich.console import Console
 

@@ -102,6 +102,10 @@ class StepCounts:
     prompt_computed: int = 0  # prompt tokens whose keys and values were computed
     prompt_reused: int = 0  # prompt tokens whose keys and values were copied from earlier work
     evictions: int = 0  # prefix cache leaves evicted
+    decode_rows: int = 0  # decoding sequences in forward passes (row-steps)
+    decode_tokens: int = 0  # tokens those rows appended (> rows when speculation keeps proposals)
+    proposed: int = 0  # speculative tokens verified
+    accepted: int = 0  # of them, kept
 
 
 class Engine:
@@ -220,9 +224,10 @@ class Engine:
     def _count(self, outputs: list[SequenceOutput]) -> StepCounts:
         """This step's counts: the scheduler's and prefix cache's totals less those at the last step."""
         stats, cache = self.scheduler.stats, self.scheduler.prefix_cache
-        now = StepCounts(0, stats.prompt_tokens_computed, stats.prompt_tokens_reused, cache.evictions if cache else 0)
-        step = StepCounts(sum(len(o.token_ids) for o in outputs), now.prompt_computed - self._counted.prompt_computed,
-                          now.prompt_reused - self._counted.prompt_reused, now.evictions - self._counted.evictions)
+        now = StepCounts(0, stats.prompt_tokens_computed, stats.prompt_tokens_reused, cache.evictions if cache else 0,
+                         stats.decode_rows, stats.decode_tokens, stats.proposed_tokens, stats.accepted_tokens)
+        step = StepCounts(*(b - a for a, b in zip(dataclasses.astuple(self._counted), dataclasses.astuple(now))))
+        step.generated = sum(len(o.token_ids) for o in outputs)
         self._counted = now
         return step
 
@@ -266,7 +271,7 @@ class Engine:
                 old = self.scheduler
                 self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id, old.compile,
                                            old.prefix_cache, old.prefill_chunk)
-                self._counted = dataclasses.replace(self._counted, prompt_computed=0, prompt_reused=0)
+                self._counted = StepCounts(evictions=self._counted.evictions)  # (the new scheduler counts from 0)
                 continue
             self.num_waiting, self.num_running = self.scheduler.num_waiting, self.scheduler.num_running
             if self.on_step is not None:

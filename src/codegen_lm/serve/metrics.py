@@ -35,6 +35,13 @@ class Metrics:
                                      "from earlier requests (prefix cache)", registry=registry)
         self.evictions = Counter("codegen_prefix_cache_evictions", "Prefix cache entries evicted to make room",
                                  registry=registry)
+        self.decode_rows = Counter("codegen_decode_row_steps", "Decoding sequences in forward passes (tokens per "
+                                   "forward pass = codegen_decode_tokens_total / this)", registry=registry)
+        self.decode_tokens = Counter("codegen_decode_tokens", "Tokens appended by decoding sequences",
+                                     registry=registry)
+        self.proposed = Counter("codegen_speculative_proposed_tokens", "Speculative tokens verified", registry=registry)
+        self.accepted = Counter("codegen_speculative_accepted_tokens", "Speculative tokens kept (acceptance rate = "
+                                "this / codegen_speculative_proposed_tokens_total)", registry=registry)
         Gauge("codegen_prefix_cache_bytes", "Memory holding cached keys and values", registry=registry).set_function(
             lambda: engine.scheduler.prefix_cache.used_bytes if engine.scheduler.prefix_cache else 0)
         Gauge("codegen_prefix_cache_capacity_bytes", "The prefix cache's budget", registry=registry).set(
@@ -64,6 +71,10 @@ class Metrics:
         self.prompt_computed.inc(counts.prompt_computed)
         self.prompt_reused.inc(counts.prompt_reused)
         self.evictions.inc(counts.evictions)
+        self.decode_rows.inc(counts.decode_rows)
+        self.decode_tokens.inc(counts.decode_tokens)
+        self.proposed.inc(counts.proposed)
+        self.accepted.inc(counts.accepted)
 
 
 class CountRequests:
