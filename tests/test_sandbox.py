@@ -200,6 +200,19 @@ def test_disk_space_limit(sandbox):
     assert r.status == LIMIT_HIT and "disk space" in r.reason, r
 
 
+def test_the_disk_guard_blames_only_the_working_folder(tmp_path, monkeypatch):
+    """Unsandboxed, disk use is watched through the file system's free space, which other writers share: a program
+    whose folder is small is not stopped however much the space shrinks, one whose folder is large is."""
+    (tmp_path / "small").write_bytes(bytes(1000))
+    monkeypatch.setattr(sandbox_module, "_free_bytes", lambda path: 0)  # 10 GB gone since the start
+    assert not sandbox_module._over_disk_limit(str(tmp_path), 10 << 30, 1 << 20)
+    (tmp_path / "large").write_bytes(bytes(2 << 20))
+    assert sandbox_module._over_disk_limit(str(tmp_path), 10 << 30, 1 << 20)
+    monkeypatch.setattr(sandbox_module, "_free_bytes", lambda path: 10 << 30)  # nothing gone: not even measured
+    monkeypatch.setattr(sandbox_module, "_tree_bytes", lambda path: pytest.fail("measured the folder"))
+    assert not sandbox_module._over_disk_limit(str(tmp_path), 10 << 30, 1 << 20)
+
+
 def test_open_files_limit(sandbox):
     r = sandbox.run("files = [open('/dev/null') for _ in range(1000)]")
     assert r.status == LIMIT_HIT and "open files" in r.reason, r

@@ -10,7 +10,8 @@ Two modes:
   program from signalling or tracing any process outside its own process group and from leaving that group
   (``setsid``, ``setpgid``, ``CLONE_PARENT``), Landlock where the kernel has it (5.13+: reads limited to the
   system's and the interpreter's folders, writes to the working folder; 6.7+: no TCP; 6.12+: no signals out),
-  a fresh working folder that is also its ``$HOME`` and ``$TMPDIR``, and a guard on the disk space it uses.
+  a fresh working folder that is also its ``$HOME`` and ``$TMPDIR``, and a guard on the disk space that folder
+  takes.
   As root, each program runs as an unprivileged uid of its own, and everything left under that uid is killed
   afterwards. What stays open is said by :meth:`Sandbox.unsandboxed_warning` and the README.
 
@@ -494,8 +495,8 @@ class Sandbox:
 def _collect(proc: subprocess.Popen, status_fd: int, limits: Limits, deadline: float, clock: Callable[[], float],
              disk: str | None) -> tuple[bytes, bytes, bytes, str]:
     """Read stdout, stderr and the status pipe until they close or the program's own process has exited, the
-    deadline passes, output overflows, or (``disk``: the unsandboxed working folder) the program has used more
-    than ``limits.tmp_size`` of that file system's space."""
+    deadline passes, output overflows, or (``disk``: the unsandboxed working folder) that folder holds more than
+    ``limits.tmp_size`` bytes."""
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     bufs = {out_fd: bytearray(), err_fd: bytearray(), status_fd: bytearray()}
     why = ""
@@ -535,7 +536,7 @@ def _collect(proc: subprocess.Popen, status_fd: int, limits: Limits, deadline: f
                         read(key.fd)
                 if why:
                     break
-                if disk and free_at_start - _free_bytes(disk) > limits.tmp_size:
+                if disk and _over_disk_limit(disk, free_at_start, limits.tmp_size):
                     why = "disk"
                     break
                 if exited or (pidfd is None and proc.poll() is not None):
@@ -591,6 +592,23 @@ def _processes() -> Iterator[_Proc]:
             continue
         if state != b"Z":
             yield _Proc(int(entry.name), uid, int(ppid), int(pgrp))
+
+
+def _over_disk_limit(folder: str, free_at_start: int, limit: int) -> bool:
+    """Does ``folder`` hold more than ``limit`` bytes? Its file system's free space is cheap to read but shared:
+    only once that has fallen by more than the limit is the folder itself measured, so that other writers (other
+    programs, other jobs) are never blamed."""
+    return free_at_start - _free_bytes(folder) > limit and _tree_bytes(folder) > limit
+
+
+def _tree_bytes(folder: str) -> int:
+    """Disk space the files under ``folder`` take."""
+    total = 0
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 def _process_count(uid: int) -> int:

@@ -135,32 +135,32 @@ def file_sha256(path: str | Path) -> str:
 
 
 def generate_samples(generator: Any, problems: dict[str, dict[str, Any]], settings: Settings, path: Path,
-                     progress_bar: Any = None, chunk: int | None = None) -> None:
+                     progress_bar: Any = None) -> None:
     """Append the ``settings.n`` completions of every problem that ``path`` does not have yet, in-process.
 
-    Problems go to ``Generator.complete`` a few at a time (about one batch of sequences); sample j of a problem
-    is drawn with ``seed + j`` from its prompt alone, so a resumed run produces what an uninterrupted one would."""
+    All prompts go to one ``Generator.complete`` call, whose scheduler keeps its batch full (a finished sequence's
+    place goes to the next one), and each sample is written as it finishes. Sample j of a problem is drawn with
+    ``seed + j`` from its prompt alone, so a resumed run produces what an uninterrupted one would."""
     from ..generate import SamplingParams
 
     have = sample_keys(path)
     todo = [t for t in problems if any((t, j) not in have for j in range(settings.n))]
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
                             n=settings.n, stop=list(settings.stop), seed=settings.seed)
-    chunk = chunk or max(1, getattr(generator, "max_batch", 16) // settings.n)
     task = _progress_task(progress_bar, problems, settings, have)
 
-    def advance(out: Any) -> None:
-        if out.finished and progress_bar:
-            progress_bar.advance(task)
-
     with JsonlWriter(path) as out:
-        for start in range(0, len(todo), chunk):
-            tasks = todo[start : start + chunk]
-            results = generator.complete([problems[t]["prompt"] for t in tasks], params, on_output=advance)
-            for t, completions in zip(tasks, results):
-                for j, completion in enumerate(completions):
-                    if (t, j) not in have:  # after a crash mid-problem, only the missing ones
-                        out.write({"task_id": t, "completion_id": j, "completion": completion.text})
+        def finished(output: Any) -> None:
+            if output.completion is None:
+                return
+            t = todo[int(output.request_id)]  # complete() names prompt i's request str(i)
+            if (t, output.index) not in have:  # after a crash mid-problem, only the missing ones
+                out.write({"task_id": t, "completion_id": output.index, "completion": output.completion.text})
+                if progress_bar:
+                    progress_bar.advance(task)
+
+        if todo:
+            generator.complete([problems[t]["prompt"] for t in todo], params, on_output=finished)
 
 
 def generate_samples_from_endpoints(endpoints: Any, problems: dict[str, dict[str, Any]], settings: Settings, path: Path,
