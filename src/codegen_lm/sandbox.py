@@ -114,12 +114,8 @@ class Result:
         return self.status == PASSED
 
 
-# Runs before the program: argv = code fd, status fd, uid to drop to (-1: stay), confine (-1: nothing; 0: the
-# seccomp filter; N > 0: also Landlock with ABI version N),
-# AS, CPU, FSIZE, NOFILE, NPROC, and the interpreter's sys.path. The code file starts with a nonce line; the one
-# status line, "nonce<TAB>status<TAB>reason", goes to the status fd once the program ends. Everything it needs
-# afterwards is bound before the program runs, so replacing modules or their functions changes nothing.
-_BOOTSTRAP = r"""
+# The unsandboxed mode's confinement, prepended to the bootstrap there only (compiling it costs every program).
+_CONFINE = r"""
 def confine(me):
     # seccomp: no signals, ptrace or process_vm_* beyond the program's own process group, and no way out of
     # it (setsid, setpgid, CLONE_PARENT, F_SETOWN/FIOSETOWN signal delivery). Denied calls fail with EPERM.
@@ -209,8 +205,16 @@ def landlock(abi):
     check(libc.syscall(446, ruleset, 0))
     os.close(ruleset)
 
+"""
+
+# Runs before the program: argv = code fd, status fd, uid to drop to (-1: stay), confine (-1: nothing; 0: the
+# seccomp filter; N > 0: also Landlock with ABI version N), AS, CPU, FSIZE, NOFILE, NPROC, and the interpreter's
+# sys.path. The code file starts with a nonce line; the one status line, "nonce<TAB>status<TAB>reason", goes to the
+# status fd once the program ends. What it needs to report is bound before the program runs; whatever else the
+# program replaces, it cannot write a line with the nonce.
+_BOOTSTRAP = r"""
 def main():
-    import builtins, resource, traceback
+    import builtins, resource
     fd_code, fd_status, uid, confined, mem, cpu, fsize, nofile, nproc = map(int, sys.argv[1:10])
     sys.path[:] = sys.argv[10].split(os.pathsep)  # what site would have set up (python -S skips it: 4x faster start)
     builtins.exit = builtins.quit = sys.exit
@@ -219,7 +223,7 @@ def main():
         source = f.read()
     os.set_inheritable(fd_status, False)
     write, _exit, getpid, me = os.write, os._exit, os.getpid, os.getpid()
-    out, err, print_exception = sys.stdout, sys.stderr, traceback.print_exception
+    out, err = sys.stdout, sys.stderr
 
     def report(status, reason=""):
         if getpid() != me:  # a forked child that ran to the end: only the program's own process reports
@@ -269,7 +273,8 @@ def main():
                        28: ("limit hit", "disk space limit reached (" + what + ")"),
                        11: ("limit hit", "process limit reached (" + what + ")") if isinstance(e, BlockingIOError) else None,
                        }.get(n) or ("failed", what)
-            print_exception(type(e), e, e.__traceback__.tb_next)
+            import traceback  # here, not up front (it doubles the start-up); a replaced one cannot forge the nonce
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         except BaseException:
             pass
         report(*verdict)
@@ -308,6 +313,7 @@ def _interpreter_paths(python: str) -> tuple[str, ...]:
     return tuple(sorted(p for p in paths if p and os.path.exists(p)))
 
 
+@functools.cache
 def _private_folders() -> tuple[str, ...]:
     """What bubblewrap hides behind an empty tmpfs: the home folders, where keys and personal files live."""
     homes = {"/home", "/root", os.path.expanduser("~"), pwd.getpwuid(os.getuid()).pw_dir}
@@ -422,7 +428,8 @@ class Sandbox:
                 yield pending[future], future.result()
 
     def _command(self, limits: Limits, fd_code: int, fd_status: int, uid: int) -> list[str]:
-        python = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(fd_code), str(fd_status), str(uid),
+        bootstrap = _BOOTSTRAP if self.isolated else _CONFINE + _BOOTSTRAP
+        python = [self.python, "-I", "-S", "-c", bootstrap, str(fd_code), str(fd_status), str(uid),
                   str(-1 if self.isolated else landlock_abi()), str(limits.memory), str(limits.cpu_seconds), str(limits.file_size),
                   str(limits.open_files), str(self._nproc(limits, uid)), os.pathsep.join(_site_path(self.python))]
         if not self.isolated:
@@ -626,10 +633,9 @@ def _stop(proc: subprocess.Popen, isolated: bool, uid: int) -> None:
     if isolated:
         # bwrap's init in the pid namespace: when it dies the kernel kills the namespace, and bwrap (our child)
         # exits once it has reaped that init, by which time the namespace is empty.
-        for p in _processes():
-            if p.ppid == proc.pid:
-                with contextlib.suppress(OSError):
-                    os.kill(p.pid, signal.SIGKILL)
+        for pid in _children(proc.pid) if proc.poll() is None else ():  # once bwrap is gone, so is its init
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         _kill_group(proc)
@@ -640,10 +646,26 @@ def _stop(proc: subprocess.Popen, isolated: bool, uid: int) -> None:
     if uid >= 0:
         _kill_uid(uid)  # the leased uid: whatever it still runs, wherever
     deadline = time.monotonic() + 10
-    while any(p.pgrp == proc.pid or (uid >= 0 and p.uid == uid) for p in _processes()):
-        if time.monotonic() > deadline:
-            break
+
+    def left() -> bool:  # the seccomp filter keeps every process in the group; as root, the uid says it too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return uid >= 0 and any(p.uid == uid for p in _processes())
+        return True
+
+    while left() and time.monotonic() < deadline:
         time.sleep(0.002)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            return []
+        return [p.pid for p in _processes() if p.ppid == pid]  # a kernel without CONFIG_PROC_CHILDREN
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
