@@ -73,8 +73,9 @@ class SandboxWarning(UserWarning):
     """Programs run with less isolation than bubblewrap gives."""
 
 
-class SandboxUnavailableError(RuntimeError):
-    """Generated code would run without isolation, and that was not allowed."""
+class SandboxUnavailableError(OSError):
+    """Generated code cannot run here as asked: without isolation when that was not allowed, or not at all.
+    An OSError, as the machine (not the program) is what is missing something."""
 
 
 @dataclass(frozen=True)
