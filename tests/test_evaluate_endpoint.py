@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -312,6 +311,9 @@ def test_faults_between_eval_and_server(server, files, in_process, tmp_path, mon
         r = cli(*humaneval_args(files, out, "--base-url", proxy.url, "--request-timeout", "3", "--concurrency", "3"))
         assert r.exit_code == 0, r.output
     same_run(out, in_process)
+    said = " ".join(r.output.split())  # as the console wrapped it
+    for note in ("refused n=2", "refused 5 stop strings", "sampling without seeds, so a rerun will not give the same"):
+        assert said.count(note) == 1, r.output  # said once each
     actions = [e["action"] for e in proxy.log]
     assert set(faults) <= set(actions) and "refuse" in actions
     served = [e["body"] for e in proxy.completions(200) if e["action"] == "pass"]

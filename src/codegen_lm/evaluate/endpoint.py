@@ -20,8 +20,9 @@ import os
 import random
 import re
 import time
+import warnings
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,6 @@ class _Capabilities:
     per_request: int  # samples per request
     stops: int | None = None  # None: all of them
     seed: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
 class Endpoints:
@@ -120,6 +120,7 @@ class Endpoints:
         self.max_model_len: int | None = None
         self.caps = _Capabilities(per_request=1 << 30)
         self.requests = 0  # sent, retries included
+        self.notes: list[str] = []  # how generation adapted to the servers, once each, for the person running it
 
     async def __aenter__(self) -> "Endpoints":
         self._client = httpx.AsyncClient(
@@ -220,8 +221,9 @@ class Endpoints:
                 return []
         choices = sorted(data["choices"], key=lambda c: c["index"])
         if len(choices) < n and n > 1:  # n ignored: one sample per request from now on
-            caps.per_request = 1
-            caps.notes.append(f"the server returned {len(choices)} of n={n} samples; asking for one sample per request")
+            if caps.per_request > 1:
+                caps.per_request = 1
+                self.notes.append(f"the server returned {len(choices)} of n={n} samples; asking for one per request")
             return []
         if len(choices) != n:
             raise EndpointError(f"asked for {n} samples, the server returned {len(choices)}")
@@ -232,16 +234,20 @@ class Endpoints:
         flight may be refused for it too, so each change only ever narrows. Anything else ends the run."""
         what, text, caps = (e.param or "").lower(), e.message.lower(), self.caps
         if (what == "n" or re.search(r"\bn\b|best_of", text)) and n > 1:
-            caps.per_request = min(caps.per_request, max(1, n // 2))
-            caps.notes.append(f"the server refused n={n} ({e.message}); asking for {caps.per_request} per request")
+            if caps.per_request > n // 2:
+                caps.per_request = max(1, n // 2)
+                self.notes.append(f"the server refused n={n} ({e.message}); asking for {caps.per_request} per request")
         elif (what == "stop" or "stop" in text) and stops:
             fewer = 4 if stops > 4 else 0
-            caps.stops = fewer if caps.stops is None else min(caps.stops, fewer)
-            caps.notes.append(f"the server refused {stops} stop strings ({e.message}); sending {caps.stops}, "
-                              "cutting at all of them here")
+            if caps.stops is None or caps.stops > fewer:
+                caps.stops = fewer
+                self.notes.append(f"the server refused {stops} stop strings ({e.message}); sending {fewer}, cutting at "
+                                  "all of them here")
         elif (what == "seed" or "seed" in text) and seed:
-            caps.seed = False
-            caps.notes.append(f"the server refused seed ({e.message}); sampling without seeds (not reproducible)")
+            if caps.seed:
+                caps.seed = False
+                self.notes.append(f"the server refused seed ({e.message}); sampling without seeds, so a rerun will "
+                                  "not give the same samples")
         else:
             raise EndpointError(f"the server refused the request ({e.status}): {e.message}")
 
@@ -340,6 +346,15 @@ def _retry_after(r: httpx.Response) -> float | None:
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), 600.0)
+
+
+def show_notes(endpoints: Endpoints, progress_bar: Any = None) -> None:
+    """Say how generation adapted to the servers (on the progress bar's console, else as warnings)."""
+    for note in endpoints.notes:
+        if progress_bar is not None:
+            progress_bar.console.print(f"note: {note}")
+        else:
+            warnings.warn(note, stacklevel=2)
 
 
 def connect(urls: Sequence[str], served_model_name: str | None = None, api_key: str | None = None,

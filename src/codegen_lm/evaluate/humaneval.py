@@ -168,7 +168,7 @@ def generate_samples_from_endpoints(endpoints: Any, problems: dict[str, dict[str
     """The same, through OpenAI-compatible endpoints (``evaluate.endpoint.Endpoints``, its model resolved): every
     missing (task, sample) is asked for, each written as it arrives, cut at every stop string here whatever the
     server cut (OpenAI allows 4 stop strings; HumanEval has 5)."""
-    from .endpoint import Sampling, cut_at_stops
+    from .endpoint import Sampling, cut_at_stops, show_notes
 
     have = sample_keys(path)
     sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed, tuple(settings.stop))
@@ -185,8 +185,11 @@ def generate_samples_from_endpoints(endpoints: Any, problems: dict[str, dict[str
         async with endpoints:
             await asyncio.gather(*(problem(t) for t in problems))
 
-    with JsonlWriter(path) as out:
-        asyncio.run(run(out))
+    try:
+        with JsonlWriter(path) as out:
+            asyncio.run(run(out))
+    finally:
+        show_notes(endpoints, progress_bar)
 
 
 def _progress_task(progress_bar: Any, problems: dict[str, Any], settings: Settings, have: set[tuple[str, int]]) -> Any:

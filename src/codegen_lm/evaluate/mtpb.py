@@ -228,7 +228,7 @@ def generate_samples_from_endpoints(endpoints: Any, problems: Sequence[dict[str,
     history goes turn by turn, one request per turn, its prompt built here exactly as in-process (the model's
     context length from ``/v1/models``, else CodeGen's 2048); histories run concurrently."""
     from ..tokenizer import CodeGenTokenizer
-    from .endpoint import Sampling
+    from .endpoint import Sampling, show_notes
 
     have = _have(path)
     task = _progress_task(progress_bar, problems, settings.n, have)
@@ -256,8 +256,11 @@ def generate_samples_from_endpoints(endpoints: Any, problems: Sequence[dict[str,
         async with endpoints:
             await asyncio.gather(*(history(p, case, j, out) for p in problems for case, j in _missing(p, settings.n, have)))
 
-    with JsonlWriter(path) as out:
-        asyncio.run(run(out))
+    try:
+        with JsonlWriter(path) as out:
+            asyncio.run(run(out))
+    finally:
+        show_notes(endpoints, progress_bar)
 
 
 def execute(samples: Sequence[dict[str, Any]], sandbox: Sandbox, path: Path, progress_bar: Any = None,
