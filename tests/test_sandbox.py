@@ -37,7 +37,8 @@ ROOT = os.geteuid() == 0
 NOBODY = 65534
 SRC = Path(__file__).resolve().parents[1] / "src"
 SYSTEM_PYTHON = "/usr/bin/python3"
-GUARD = "import os\nif os.geteuid() == 0:\n    raise SystemExit('refusing to run a hostile test program as root')\n"
+GUARD = ("import os\nif os.geteuid() == 0:\n    raise SystemExit('refusing to run a hostile test program as root')\n"
+         "print('scratch', os.getcwd(), flush=True)\n")
 
 
 def python_for(uid: int) -> str | None:
@@ -441,7 +442,7 @@ while not children():
 results = {}
 for name, (code, timeout) in spec["programs"].items():
     r = hostile.run(code.replace("HARNESS_PID", me), replace(limits, timeout=timeout))
-    results[name] = [r.status, r.reason, r.stdout[-300:]]
+    results[name] = [r.status, r.reason, r.stdout[:1000]]
 exits = {n: [r.status, r.reason] for n, r in hostile.run_many(["import os\nos._exit(%d)" % n for n in spec["exit_codes"]])}
 offset[0] = 1e6
 thread.join()
@@ -562,7 +563,10 @@ def test_hostile_programs(mode_name):
             want = expected(mode) if callable(expected) else expected
             assert status == want, f"{name}: {status} ({reason}), expected {want} in mode {mode}"
         assert "SECRET" not in json.dumps(report["programs"]["read ~/.ssh"])
-        assert report["programs"]["write to $HOME"][2].strip() != str(home / f"{token}-home")
+        assert report["programs"]["write to $HOME"][2].split("\n")[1] != str(home / f"{token}-home")
+        for name, (status, reason, stdout) in report["programs"].items():
+            first, scratch = stdout.split("\n")[0].split(" ", 1)
+            assert first == "scratch" and (isolated or not os.path.exists(scratch)), (name, stdout[:200])
         for n, (status, reason) in report["exits"].items():
             assert status != PASSED and n in reason, (n, status, reason)
         # nothing left running, nothing written outside the scratch folders
