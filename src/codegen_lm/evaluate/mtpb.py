@@ -15,11 +15,12 @@ when all 5 cases pass. The run folder is laid out and resumed as for HumanEval.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from .report import progress, status_rows, table
 from .runs import JsonlWriter, read_jsonl, start_run
 
 TIMEOUT = 20.0
+# MTPB's truncation always cuts before three newlines, and cutting the text there first never changes where it
+# cuts: so generation may stop there, in-process and at an endpoint alike.
+STOP = ("\n\n\n",)
 MAX_GEN_LENGTH = 256  # tokens per turn for the problems (39-45) that do not set max_gen_length; the original's default
 
 
@@ -135,13 +139,14 @@ class Settings:
     """What an MTPB run depends on; a resumed run must have the same."""
 
     problems: str  # sha256 of the problem file
-    model: str
+    model: str | None = None  # the checkpoint generating in-process
     n: int = 1
     temperature: float = 0.2
     top_p: float = 0.95
     seed: int = 0
     timeout: float = TIMEOUT
     limit: int | None = None  # only the first this many problems
+    served_model: str | None = None  # the model's name at the endpoints generating the turns
 
 
 def _have(path: Path) -> set[tuple[str, int, int]]:
@@ -151,69 +156,122 @@ def _have(path: Path) -> set[tuple[str, int, int]]:
 def pending(problems: Sequence[dict[str, Any]], path: Path, n: int) -> list[dict[str, Any]]:
     """The problems some of whose samples are not in ``path`` yet."""
     have = _have(path)
-    return [p for p in problems if any((p["id"], case, j) not in have for case in range(len(p["inputs"])) for j in range(n))]
+    return [p for p in problems if _missing(p, n, have)]
+
+
+def _missing(problem: dict[str, Any], n: int, have: set[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """The (case, sample) pairs of ``problem`` still to generate."""
+    return [(case, j) for case in range(len(problem["inputs"])) for j in range(n) if (problem["id"], case, j) not in have]
+
+
+def turn_room(prefix: str, problem: dict[str, Any], tokenizer: Any, n_positions: int) -> int:
+    """Tokens a turn may take: the problem's ``max_gen_length``, or what is left of the model's positions."""
+    return min(problem.get("max_gen_length", MAX_GEN_LENGTH), n_positions - len(tokenizer.encode(prefix)))
+
+
+def _record(problem: dict[str, Any], case: int, sample: int, turns: list[str], history: str) -> dict[str, Any]:
+    return {"id": problem["id"], "case": case, "sample": sample, "turns": turns, "program": history,
+            "expected": problem["outputs"][case]}
+
+
+def _progress_task(progress_bar: Any, problems: Sequence[dict[str, Any]], n: int, have: set[tuple[str, int, int]]) -> Any:
+    """A bar counting turns, one per (problem, case, sample, prompt)."""
+    if progress_bar is None:
+        return None
+    total = sum(len(p["prompts"]) * len(p["inputs"]) * n for p in problems)
+    done = sum(len(p["prompts"]) for p in problems for case in range(len(p["inputs"])) for j in range(n)
+               if (p["id"], case, j) in have)
+    return progress_bar.add_task("generating turns", total=total, completed=done)
 
 
 def generate_samples(generator: Any, problems: Sequence[dict[str, Any]], settings: Settings, path: Path,
                      progress_bar: Any = None) -> None:
-    """Append, for every problem not done yet, ``n`` multi-turn samples of each test case to ``path``.
+    """Append, in-process, the multi-turn samples (``n`` per test case) that ``path`` does not have yet.
 
-    One record per (problem, case, sample): the turns' truncated completions and the final program. All
-    5 x n histories of a problem advance together, one ``Generator.complete`` call per turn."""
+    One record per (problem, case, sample): the turns' truncated completions and the final program. A
+    problem's missing histories advance together, one ``Generator.complete`` call per turn (and seed)."""
     from ..engine import SamplingParams
 
     have = _have(path)
-    todo = pending(problems, path, settings.n)
-    done = {p["id"] for p in problems} - {p["id"] for p in todo}
-    task = progress_bar.add_task("generating turns", total=sum(len(p["prompts"]) for p in problems),
-                                 completed=sum(len(p["prompts"]) for p in problems if p["id"] in done)) if progress_bar else None
+    task = _progress_task(progress_bar, problems, settings.n, have)
     limit = generator.model.config.n_positions
     with JsonlWriter(path) as out:
-        for problem in todo:
-            cases = [(case, values) for case, values in enumerate(problem["inputs"]) for _ in range(settings.n)]
-            histories = [MTPB_PRELUDE] * len(cases)
-            turns: list[list[str]] = [[] for _ in cases]
-            for prompt in problem["prompts"]:
-                specs = [fill(prompt, values) for _, values in cases]
+        for problem in problems:
+            rows = _missing(problem, settings.n, have)
+            histories = [MTPB_PRELUDE] * len(rows)
+            turns: list[list[str]] = [[] for _ in rows]
+            for prompt in problem["prompts"] if rows else ():
+                specs = [fill(prompt, problem["inputs"][case]) for case, _ in rows]
                 prefixes = [turn_prefix(h, spec) for h, spec in zip(histories, specs)]
                 # Each history has its own room left in the context; sample j of every case draws with seed + j.
-                rooms = [min(problem.get("max_gen_length", MAX_GEN_LENGTH), limit - len(generator.tokenizer.encode(p))) for p in prefixes]
-                seeds = [settings.seed + i % settings.n for i in range(len(cases))]
-                texts = _sample(generator, prefixes, rooms, seeds, settings, SamplingParams)
+                rooms = [turn_room(p, problem, generator.tokenizer, limit) for p in prefixes]
+                seeds = [settings.seed + j for _, j in rows]
+                texts = [""] * len(rows)  # no room left: an empty turn
+                for room, seed in sorted({(r, s) for r, s in zip(rooms, seeds) if r > 0}):
+                    group = [i for i in range(len(rows)) if (rooms[i], seeds[i]) == (room, seed)]
+                    params = SamplingParams(max_new_tokens=room, temperature=settings.temperature, top_p=settings.top_p,
+                                            n=1, seed=seed, stop=list(STOP))
+                    for i, (completion,) in zip(group, generator.complete([prefixes[i] for i in group], params)):
+                        texts[i] = completion.text
                 for i, text in enumerate(texts):
                     turns[i].append(truncate_code(text))
                     histories[i] += format_turn(specs[i], turns[i][-1])
                 if progress_bar:
-                    progress_bar.advance(task)
-            for i, (case, _) in enumerate(cases):
-                if (problem["id"], case, i % settings.n) in have:  # written before an interruption
-                    continue
-                out.write({"id": problem["id"], "case": case, "sample": i % settings.n, "turns": turns[i],
-                           "program": histories[i], "expected": problem["outputs"][case]})
+                    progress_bar.advance(task, len(rows))
+            for i, (case, j) in enumerate(rows):
+                out.write(_record(problem, case, j, turns[i], histories[i]))
 
 
-def _sample(generator: Any, prefixes: list[str], rooms: list[int], seeds: list[int], settings: Settings,
-            sampling_params: Any) -> list[str]:
-    """One completion per prefix; one ``complete`` call per (room, seed) group. No room left: an empty turn."""
-    texts = [""] * len(prefixes)
-    for room, seed in sorted(set(zip(rooms, seeds))):
-        rows = [i for i in range(len(prefixes)) if (rooms[i], seeds[i]) == (room, seed)]
-        if room <= 0:
-            continue
-        params = sampling_params(max_new_tokens=room, temperature=settings.temperature, top_p=settings.top_p, n=1, seed=seed)
-        for i, (completion,) in zip(rows, generator.complete([prefixes[i] for i in rows], params)):
-            texts[i] = completion.text
-    return texts
+def generate_samples_from_endpoints(endpoints: Any, problems: Sequence[dict[str, Any]], settings: Settings, path: Path,
+                                    progress_bar: Any = None) -> None:
+    """The same through OpenAI-compatible endpoints (``evaluate.endpoint.Endpoints``, its model resolved): each
+    history goes turn by turn, one request per turn, its prompt built here exactly as in-process (the model's
+    context length from ``/v1/models``, else CodeGen's 2048); histories run concurrently."""
+    from ..tokenizer import CodeGenTokenizer
+    from .endpoint import Sampling, show_notes
+
+    have = _have(path)
+    task = _progress_task(progress_bar, problems, settings.n, have)
+    tokenizer, limit = CodeGenTokenizer(), endpoints.max_model_len or 2048
+
+    async def history(problem: dict[str, Any], case: int, j: int, out: JsonlWriter) -> None:
+        turns: list[str] = []
+        program = MTPB_PRELUDE
+        for prompt in problem["prompts"]:
+            spec = fill(prompt, problem["inputs"][case])
+            prefix = turn_prefix(program, spec)
+            room = turn_room(prefix, problem, tokenizer, limit)
+            text = ""
+            if room > 0:
+                sampling = Sampling(room, settings.temperature, settings.top_p, settings.seed, STOP)
+                async for _, text in endpoints.samples(prefix, [j], sampling):
+                    pass
+            turns.append(truncate_code(text))
+            program += format_turn(spec, turns[-1])
+            if progress_bar:
+                progress_bar.advance(task)
+        out.write(_record(problem, case, j, turns, program))
+
+    async def run(out: JsonlWriter) -> None:
+        async with endpoints:
+            await asyncio.gather(*(history(p, case, j, out) for p in problems for case, j in _missing(p, settings.n, have)))
+
+    try:
+        with JsonlWriter(path) as out:
+            asyncio.run(run(out))
+    finally:
+        show_notes(endpoints, progress_bar)
 
 
-def execute(samples: Sequence[dict[str, Any]], sandbox: Sandbox, path: Path, progress_bar: Any = None) -> list[dict[str, Any]]:
+def execute(samples: Sequence[dict[str, Any]], sandbox: Sandbox, path: Path, progress_bar: Any = None,
+            limits: Limits | None = None) -> list[dict[str, Any]]:
     """Run every sample's program (those without a verdict in ``path`` yet), appending verdicts; return all."""
     key = lambda r: (r["id"], r["case"], r["sample"])  # noqa: E731
     done = {key(r): r for r in read_jsonl(path)}
     todo = [s for s in samples if key(s) not in done]
     task = progress_bar.add_task("running programs", total=len(samples), completed=len(samples) - len(todo)) if progress_bar else None
     with JsonlWriter(path) as out:
-        for i, result in sandbox.run_many(check_program(s["program"], s["expected"]) for s in todo):
+        for i, result in sandbox.run_many((check_program(s["program"], s["expected"]) for s in todo), limits):
             record = {"id": todo[i]["id"], "case": todo[i]["case"], "sample": todo[i]["sample"], "passed": result.passed,
                       "status": result.status, "reason": result.reason, "seconds": round(result.seconds, 3)}
             out.write(record)
@@ -243,30 +301,35 @@ def summarize(problems: Sequence[dict[str, Any]], results: Sequence[dict[str, An
     }
 
 
-def evaluate(out: Path, settings: Settings, problems: Sequence[dict[str, Any]], generator_factory: Callable[[], Any],
-             workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
-    """The whole run: generate turns, execute programs, summarize into ``out`` (summary.json, pass_rate.png)."""
+def evaluate(out: Path, settings: Settings, problems: Sequence[dict[str, Any]], generate: Callable[[Path, Any], None],
+             sandbox: Sandbox | None = None, workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
+    """The whole run: generate turns, execute programs, summarize into ``out`` (summary.json, pass_rate.png).
+
+    ``generate(path, progress_bar)`` appends the missing samples (``generate_samples`` or
+    ``generate_samples_from_endpoints`` with their arguments bound). ``sandbox`` defaults to one with the
+    settings' timeout, which refuses to run without bubblewrap; it is made before any generation starts."""
     console = console or Console(stderr=True)
+    sandbox = sandbox or Sandbox(Limits(timeout=settings.timeout), workers=workers)
     start_run(out, asdict(settings))
-    sandbox = Sandbox(Limits(timeout=settings.timeout), workers=workers)
     samples_path = out / "samples.jsonl"
     with progress(console) as bar:
         if pending(problems, samples_path, settings.n):
-            generate_samples(generator_factory(), problems, settings, samples_path, bar)
+            generate(samples_path, bar)
         order = {p["id"]: i for i, p in enumerate(problems)}
         samples = sorted(read_jsonl(samples_path), key=lambda s: (order[s["id"]], s["case"], s["sample"]))
-        results = execute(samples, sandbox, out / "results.jsonl", bar)
+        results = execute(samples, sandbox, out / "results.jsonl", bar, replace(sandbox.limits, timeout=settings.timeout))
     summary = summarize(problems, results)
-    summary["isolated"] = sandbox.isolated
+    summary["isolated"], summary["sandbox"] = sandbox.isolated, sandbox.mode
     from ..hub import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _plot(summary, out / "pass_rate.png", f"MTPB: {settings.model}")
+    name = settings.model or settings.served_model
+    _plot(summary, out / "pass_rate.png", f"MTPB: {name}")
     rows = [("pass rate", f"{100 * summary['pass_rate']:.2f}%")]
     rows += [(f"  {c}", f"{100 * v:.2f}%") for c, v in summary["per_category"].items()]
     rows += [("test cases passed", f"{100 * summary['test_case_pass_rate']:.2f}%"),
              ("problems", str(summary["problems"])), ("programs", str(summary["programs"]))]
-    console.print(table(f"MTPB: {settings.model}", rows + status_rows(Counter(summary["statuses"]))))
+    console.print(table(f"MTPB: {name}", rows + status_rows(Counter(summary["statuses"]))))
     console.print(f"results in {out} (samples.jsonl, results.jsonl, summary.json, pass_rate.png)")
     return summary
 

@@ -21,6 +21,8 @@ def start_run(folder: Path, settings: dict[str, Any]) -> None:
     settings = json.loads(json.dumps(settings))  # what it reads back as (tuples become lists, ...)
     if path.exists():
         old = json.loads(path.read_text())
+        # a setting added since that run was made, left at None, is the same run
+        settings = {k: v for k, v in settings.items() if k in old or v is not None}
         if old != settings:
             diff = ", ".join(f"{key}: {old.get(key)!r} there, {settings.get(key)!r} now"
                              for key in sorted(set(old) | set(settings)) if old.get(key) != settings.get(key))
