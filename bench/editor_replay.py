@@ -31,15 +31,14 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from machine import cpu_summary
+from server_process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "codegen_lm" / "data"
@@ -196,52 +195,13 @@ def checkpoint(workdir: Path, shape: str) -> Path:
     return folder
 
 
-class Server:
-    """`codegen-lm serve` in a subprocess, its peak RSS sampled."""
-
-    def __init__(self, model: Path, precision: str, cache: bool, port: int):
-        args = [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(model), "--port", str(port),
-                "--max-batch", "16", "--log-level", "warning"] + (["--quantize", precision] if precision != "fp32" else [])
-        self.process = subprocess.Popen(args + ([] if cache else ["--no-prefix-cache"]),
-                                        env={**os.environ, "OMP_NUM_THREADS": "2", "CODEGEN_LM_API_KEYS": ""})
-        self.url, self.peak_rss = f"http://127.0.0.1:{port}", 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "Server":
-        import httpx
-        import psutil
-
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited")
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        process = psutil.Process(self.process.pid)
-
-        def sample() -> None:
-            while not self._stop.wait(0.1):
-                self.peak_rss = max(self.peak_rss, process.memory_info().rss)
-
-        threading.Thread(target=sample, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.process.terminate()
-        self.process.wait(60)
-
-    def counters(self) -> dict[str, float]:
-        import httpx
-
-        values: dict[str, float] = {}
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            for name in ("codegen_prompt_tokens_cached_total", "codegen_prompt_tokens_computed_total"):
-                if line.startswith(name + " "):
-                    values[name] = float(line.split()[1])
-        return values
+def start_server(model: Path, precision: str, cache: bool) -> ServerProcess:
+    """`codegen-lm serve` on the random checkpoint, 2 threads, the prefix cache on or off."""
+    port = free_port()
+    args = [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(model), "--port", str(port),
+            "--max-batch", "16", "--log-level", "warning"] + (["--quantize", precision] if precision != "fp32" else [])
+    return ServerProcess(args + ([] if cache else ["--no-prefix-cache"]), port,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "CODEGEN_LM_API_KEYS": ""})
 
 
 # -- one run and the summary ----------------------------------------------------------------------------------
@@ -256,15 +216,18 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def replay(server: Server, typists: list[Typist], style: str) -> dict:
-    before = server.counters()
+COUNTERS = ("codegen_prompt_tokens_cached_total", "codegen_prompt_tokens_computed_total")
+
+
+def replay(server: ServerProcess, typists: list[Typist], style: str) -> dict:
+    before = {name: server.metric(name) for name in COUNTERS}
     records: list[Request] = []
 
     async def everyone() -> None:
         await asyncio.gather(*(type_along(server.url, t, u, style, records) for u, t in enumerate(typists)))
 
     asyncio.run(everyone())
-    after = server.counters()
+    after = {name: server.metric(name) for name in COUNTERS}
     follow_ups = [r for r in records if r.index > 0]
     ttfts = [r.first if r.first is not None else r.dropped for r in follow_ups if r.first is not None or r.dropped]
     return {"ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
@@ -287,7 +250,6 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "editor_replay.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "editor_replay.png")
-    parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     from rich.progress import Progress
 
@@ -303,7 +265,7 @@ def main() -> None:
             model = checkpoint(args.workdir, shape)
             runs: dict[tuple, list[dict]] = {}
             for cache in (True, False):
-                with Server(model, precision, cache, args.port) as server:
+                with start_server(model, precision, cache) as server:
                     plain = {k: statistics.median(asyncio.run(plain_decode(server.url, k))) for k in users}
                     for repeat in range(args.repeats):  # rounds interleave user counts and styles
                         for k in users:

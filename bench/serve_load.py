@@ -24,13 +24,13 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from machine import cpu_flags
+from server_process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random weights; vocab 51200 like the released checkpoints, the real tokenizer
@@ -69,52 +69,11 @@ def serve(shape: str, port: int, max_batch: int) -> None:
     DrainingServer(http, lambda: app.state.server.engine.drain(30)).run()
 
 
-class Server:
-    """The server in a subprocess, with its peak RSS sampled while it runs."""
-
-    def __init__(self, shape: str, max_batch: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", shape, "--port", str(self.port),
-                                         "--max-batch", str(max_batch)])
-        self.peak_rss = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "Server":
-        import httpx
-        import psutil
-
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server process exited")
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not come up in 300 s")
-            time.sleep(0.5)
-        proc = psutil.Process(self.process.pid)
-
-        def sample() -> None:
-            while not self._stop.wait(0.2):
-                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
-
-        threading.Thread(target=sample, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start_server(shape: str, max_batch: int) -> ServerProcess:
+    """This script's own server mode (below) in a subprocess."""
+    port = free_port()
+    return ServerProcess([sys.executable, __file__, "--serve", shape, "--port", str(port), "--max-batch", str(max_batch)],
+                         port)
 
 
 class SlowClients:
@@ -260,7 +219,7 @@ def measure(shape: str, max_batch: int, levels: list[int], args: argparse.Namesp
 
     from rich.progress import Progress
 
-    with Server(shape, max_batch) as server:
+    with start_server(shape, max_batch) as server:
         model = f"random-{shape}"
         # Warm up: one full batch, so the KV cache has grown to its working size before anything is timed.
         asyncio.run(run_level(server.url, max_batch, 0.0, args.max_tokens, model))

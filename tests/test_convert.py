@@ -24,6 +24,7 @@ from codegen_lm.checkpoint import save_model, weight_files
 from codegen_lm.convert import ConversionError, convert
 from codegen_lm.hub import CheckpointNotFoundError
 from codegen_lm.quantize import _has_vnni
+from codegen_lm.tokenizer import CODEGEN_TOKENS
 
 transformers.logging.set_verbosity_error()
 
@@ -195,9 +196,12 @@ PROMPTS = [[15496, 995, 50284, 87, 796], [4299, 23748, 62, 6894, 33529, 198]]
 
 @pytest.fixture(scope="module")
 def ct2_source(tiny_checkpoint: Path, tmp_path_factory) -> Path:
-    """The conftest checkpoint's shape and tokenizer (real vocabulary), with weights that do not collapse."""
+    """The conftest checkpoint's shape and tokenizer (real vocabulary), with weights that do not collapse, and padding
+    logit rows that never win, as in the released checkpoints (ours never samples them; CTranslate2 does not know them)."""
     torch.manual_seed(0)
     model = randomize_(CodeGenForCausalLM.from_pretrained(tiny_checkpoint))
+    with torch.no_grad():
+        model.lm_head.bias[CODEGEN_TOKENS:] = -30.0  # (the real rows' logits spread about 1)
     folder = tmp_path_factory.mktemp("ct2src") / "codegen"
     model.save_pretrained(folder)
     for name in conv.SIDE_FILES:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import KEY, MODEL, alone, checkpoint, generator, running  # noqa: F401 (fixtures)
+from serving import KEY, MODEL, alone, running  # noqa: F401
+from test_serve import checkpoint, generator  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

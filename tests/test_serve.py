@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +19,12 @@ import openai
 import psutil
 import pytest
 import torch
-import uvicorn
 
 from codegen_lm.engine import Generator, SamplingParams
 from codegen_lm.serve import load_api_keys
 from codegen_lm.serve.protocol import ChatMessage, chat_turns
 from codegen_lm.session import MTPB_PRELUDE, Session
-from serving import (KEY, MODEL, GatedScheduler, alone, free_port, metric, raw, read_all, running, save_tiny_checkpoint,
+from serving import (KEY, MODEL, GatedScheduler, alone, free_port, metric, raw, running, save_tiny_checkpoint,
                      settle, wait_until)
 
 

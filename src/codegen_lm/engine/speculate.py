@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..model import CodeGenForCausalLM, KVCache, Segment
-from .sampling import SamplingParams, draw_uniforms, kept_probs, pick
+from .sampling import draw_uniforms, kept_probs, pick
 
 METHODS = ("ngram", "draft", "self-int4", "self-int8")
 # Tokens one step may carry before extra ones stop being nearly free (the step turns compute-bound). CPU: measured on
@@ -102,7 +102,6 @@ class Speculator:
         self.max_step_tokens = config.max_step_tokens or DEFAULT_MAX_STEP_TOKENS.get(device, 16)
         self.draft_cache: KVCache | None = None
         self.free_rows: list[int] = []
-        self.proposed = self.accepted = self.verified_rows = self.emitted = 0  # totals (metrics)
 
     # -- proposing -----------------------------------------------------------------------------------------
 
@@ -149,7 +148,7 @@ class Speculator:
         steps = max(count for _, count in wanted)
         tokens = {seq: [] for seq, _ in wanted}
         dists: dict[Any, list[torch.Tensor]] = {seq: [] for seq, _ in wanted}
-        for step in range(steps):
+        for _ in range(steps):
             active = [(seq, count) for seq, count in wanted if len(tokens[seq]) < count]
             ids, positions, segments, last = [], [], [], []
             for seq, _ in active:
@@ -180,17 +179,22 @@ class Speculator:
         return {seq: Proposal(tokens[seq], torch.stack(dists[seq]) if dists[seq] else None) for seq, _ in wanted}
 
     def _ensure_row(self, seq: Any) -> None:
+        """A row of the draft's cache for ``seq``; the cache grows as the target's does (rows and length doubling)."""
         state = seq.speculation
         if state.draft_row is not None:
             return
-        if not self.free_rows:
-            old = self.draft_cache
-            rows = 2 * old.batch_size if old is not None else 4
-            grown = KVCache(self.draft.config, rows, self.draft.config.n_positions, self.draft.dtype, self.draft.device)
+        limit = self.draft.config.n_positions
+        needed = min(len(seq.request.prompt_ids) + seq.request.params.max_new_tokens, limit)
+        old = self.draft_cache
+        rows, length = (old.batch_size, old.max_len) if old is not None else (0, 0)
+        new_rows = rows if self.free_rows else max(2, 2 * rows)
+        new_length = length if length >= needed else min(max(needed, 2 * length), limit)
+        if (new_rows, new_length) != (rows, length):
+            grown = KVCache(self.draft.config, new_rows, new_length, self.draft.dtype, self.draft.device)
             if old is not None:
-                grown.k[:, : old.batch_size] = old.k
-                grown.v[:, : old.batch_size] = old.v
-            self.free_rows = list(range(rows - 1, old.batch_size if old is not None else -1, -1))
+                grown.k[:, :rows, :length] = old.k
+                grown.v[:, :rows, :length] = old.v
+            self.free_rows += range(new_rows - 1, rows - 1, -1)
             self.draft_cache = grown
         state.draft_row = self.free_rows.pop()
         state.draft_computed = 0
@@ -235,10 +239,6 @@ class Speculator:
         state = seq.speculation
         state.proposed += proposed
         state.accepted += kept
-        self.proposed += proposed
-        self.accepted += kept
-        self.verified_rows += 1
-        self.emitted += kept + 1
         if kept:
             state.failures, state.next_pause = 0, FIRST_PAUSE
         else:
