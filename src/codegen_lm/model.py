@@ -83,25 +83,22 @@ class CausalLMOutputWithPast(ModelOutput):
 
 @dataclass(frozen=True)
 class Segment:
-    """A rectangle of one inference step's tokens: cache rows ``rows``, each with ``width`` consecutive new tokens,
-    attending to the slots ``< kv_len`` of its row. A step is a list of segments whose tokens are packed one after
-    the other (decode rows, prefill chunks and speculated tokens share the projections: the weights are read once).
-    ``aligned`` promises that every row's tokens end at slot ``kv_len - 1`` and, when ``width > 1``, start at slot 0:
-    then plain causal attention needs no mask."""
+    """A rectangle of one inference step's tokens: ``num_rows`` cache rows from ``first_row``, each with ``width``
+    consecutive new tokens, attending to the slots ``< kv_len`` of its row. A step is a list of segments whose tokens
+    are packed one after the other (decode rows, prefill chunks and speculated tokens share the projections: the
+    weights are read once). ``aligned`` promises that every row's tokens end at slot ``kv_len - 1`` and, when
+    ``width > 1``, start at slot 0: then plain causal attention needs no mask. (Plain ints, not a slice: under
+    torch.compile a row count taken from a tensor's shape stays symbolic, and a slice's bounds would not.)"""
 
-    rows: slice
+    first_row: int
+    num_rows: int
     width: int
     kv_len: int
     aligned: bool = False
 
     @property
-    def num_rows(self) -> int:
-        return self.rows.stop - self.rows.start
-
-    @property
     def num_tokens(self) -> int:
         return self.num_rows * self.width
-
 
 
 class KVCache:
@@ -142,8 +139,10 @@ class KVCache:
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 
-    def read(self, layer: int, rows: slice, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots ``< kv_len`` of ``rows``, ``[b, n_head, kv_len, head_dim]`` views."""
+    def read(self, layer: int, first_row: int, num_rows: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``< kv_len`` of ``num_rows`` rows from ``first_row``, ``[b, n_head, kv_len,
+        head_dim]`` views."""
+        rows = slice(first_row, first_row + num_rows)
         return self.k[layer, rows, :kv_len].transpose(1, 2), self.v[layer, rows, :kv_len].transpose(1, 2)
 
     def copy_rows(self, src: int, dst: slice, length: int) -> None:
@@ -272,7 +271,7 @@ class CodeGenAttention(nn.Module):
     ) -> torch.Tensor:
         """Inference attention through the preallocated cache (see ``CodeGenModel.forward_packed``): ``qkv``
         ``[T, 3 * n_embd]`` packed as ``segments``; one attention call per segment."""
-        qkv = qkv.view(qkv.shape[0], 3, self.n_head, self.head_dim)
+        qkv = qkv.view(-1, 3, self.n_head, self.head_dim)  # (the step's tokens are one row: [1, T, ...])
         rotate_(qkv[:, :2], rotary)  # q and k together, in place
         q, k, v = qkv.unbind(1)
         cache.write(layer, slots, k, v)
@@ -280,12 +279,12 @@ class CodeGenAttention(nn.Module):
         for segment, mask in zip(segments, masks):
             n = segment.num_tokens
             queries = q[start : start + n].view(segment.num_rows, segment.width, self.n_head, self.head_dim)
-            keys, values = cache.read(layer, segment.rows, segment.kv_len)
+            keys, values = cache.read(layer, segment.first_row, segment.num_rows, segment.kv_len)
             y = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask,
                                                is_causal=mask is None and segment.width > 1)
             outputs.append(y.transpose(1, 2).reshape(n, -1))
             start += n
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
 
 
 class CodeGenMLP(nn.Module):
@@ -503,15 +502,17 @@ class CodeGenModel(CodeGenPreTrainedModel):
                        cache: KVCache) -> torch.Tensor:
         """The inference path: the tokens ``input_ids`` at ``positions`` (both ``[T]``), packed segment after segment
         (see ``Segment``), through cache ``cache``. A token sees the slots of its row up to its own position, so rows
-        of different lengths need no other mask. Returns the final hidden states ``[T, n_embd]``."""
-        x = self.wte(input_ids)
+        of different lengths need no other mask. Returns the final hidden states ``[1, T, n_embd]``."""
+        # The packed tokens go through the projections as one row, [1, T, n_embd]: inductor's freezing passes (the
+        # compiled decode step) expect the batched layout of linear layers.
+        x = self.wte(input_ids)[None]
         sin, cos = self.rotary[positions].chunk(2, dim=-1)
         rotary = torch.stack([cos, sin], dim=-1)[:, None, None]  # [T, 1 (q/k), 1 (head), r/2, 2]
         row_ids, masks, start = [], [], 0
         for segment in segments:
             n = segment.num_tokens
             where = positions[start : start + n].view(segment.num_rows, segment.width)
-            row_ids.append(torch.arange(segment.rows.start, segment.rows.stop, device=x.device)
+            row_ids.append(torch.arange(segment.first_row, segment.first_row + segment.num_rows, device=x.device)
                            .repeat_interleave(segment.width))
             mask = None
             if not segment.aligned or (segment.width > 1 and segment.kv_len != segment.width):
@@ -583,7 +584,7 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
         """Inference forward of a packed step (``CodeGenModel.forward_packed``); fp32 logits of the tokens at the
         packed indices ``last`` ``[k]``, ``[k, vocab]``."""
         hidden = self.transformer.forward_packed(input_ids, positions, segments, cache)
-        return self.lm_head(hidden[last]).float()
+        return self.lm_head(hidden[0, last]).float()
 
     def logits_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, kv_len: int,
@@ -594,7 +595,9 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
         decode step is this with ``t`` 1 (the graph ``torch.compile`` makes)."""
         b, t = input_ids.shape
         index = torch.arange(b, device=input_ids.device) * t + (t - 1 if last is None else last)
-        segment = Segment(rows, t, kv_len, aligned)
+        # The row count from the tensor, not from ``rows.stop``: under torch.compile it stays symbolic, so one graph
+        # serves every batch size.
+        segment = Segment(rows.start or 0, b, t, kv_len, aligned)
         return self.logits_packed(input_ids.reshape(-1), positions.reshape(-1), [segment], cache, index)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:

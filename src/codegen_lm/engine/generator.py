@@ -115,7 +115,7 @@ class Generator:
     @torch.inference_mode()
     def warm_up(self) -> int:
         """With ``compile=True``, compile the decode step for the kinds of batch a server meets before any request
-        waits for a compile: one row, rows of different lengths (masked attention), one row of a larger cache, equal rows.
+        waits for a compile: one row, two rows, three (the row count turns symbolic), one row of a larger cache.
         On CPU the shapes turn symbolic on the way, so later batch sizes and lengths reuse these graphs (tested). CUDA
         graphs are made per padded row count and cache size, so a larger batch or cache still compiles at its first
         step. Returns how many graphs were compiled."""
@@ -124,7 +124,7 @@ class Generator:
         from torch._dynamo.utils import counters
 
         compiled_before = counters["stats"]["unique_graphs"]
-        for prompts in ([[0] * 4], [[0] * 4, [0] * 6], [[0] * 4], [[0] * 4] * 2):
+        for prompts in ([[0] * 4], [[0] * 4, [0] * 6], [[0] * 4, [0] * 6, [0] * 5], [[0] * 4]):
             self.complete(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # (the warm-up's prompts are nobody's)

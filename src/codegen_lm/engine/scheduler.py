@@ -376,13 +376,13 @@ class Scheduler:
             plan.positions += range(start, start + width)
         kv_len = max(starts) + width
         aligned = width == 1 and min(starts) == kv_len - 1
-        plan.segments.append(Segment(slice(rows[0], rows[-1] + 1), width, kv_len, aligned))
+        plan.segments.append(Segment(rows[0], len(rows), width, kv_len, aligned))
 
     def _plan_chunk(self, plan: _Plan, row: int, seq: _Sequence, count: int) -> None:
         start = seq.computed
         plan.ids += seq.request.prompt_ids[start : start + count]
         plan.positions += range(start, start + count)
-        plan.segments.append(Segment(slice(row, row + 1), count, start + count, aligned=start == 0))
+        plan.segments.append(Segment(row, 1, count, start + count, aligned=start == 0))
         if start + count == len(seq.request.prompt_ids):
             plan.reads.append((seq, len(plan.ids) - 1, 1))
 
@@ -399,9 +399,11 @@ class Scheduler:
                 tokens = torch.tensor(plan.ids + [0] * (rows - n), device=device)[:, None]
                 where = torch.tensor(plan.positions + [0] * (rows - n), device=device)[:, None]
                 return self._compiled_step(tokens, where, self.cache, slice(0, rows), self.cache.max_len)[:n]
+            # (always masked: one graph serves rows of equal and of different lengths; at one token a row the mask costs
+            # nothing next to the weights)
             return self._compiled_step(torch.tensor(plan.ids, device=device)[:, None],
                                        torch.tensor(plan.positions, device=device)[:, None], self.cache,
-                                       only.rows, only.kv_len, aligned=only.aligned)
+                                       slice(only.first_row, only.first_row + only.num_rows), only.kv_len)
         last = [i for _, start, count in plan.reads for i in range(start, start + count)]
         return self.model.logits_packed(torch.tensor(plan.ids, device=device), torch.tensor(plan.positions, device=device),
                                         plan.segments, self.cache, torch.tensor(last, dtype=torch.long, device=device))

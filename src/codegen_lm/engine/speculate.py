@@ -157,7 +157,7 @@ class Speculator:
                 feed = known[state.draft_computed :]
                 ids += feed
                 positions += range(state.draft_computed, len(known))
-                segments.append(Segment(slice(state.draft_row, state.draft_row + 1), len(feed), len(known),
+                segments.append(Segment(state.draft_row, 1, len(feed), len(known),
                                         aligned=state.draft_computed == 0))
                 last.append(len(ids) - 1)
                 state.draft_computed = len(known)
