@@ -134,6 +134,19 @@ def test_kernels_agree_with_the_exact_product_of_the_int8_weights(name):
         assert relative_error(Int4Linear(linear, 128)(x), Int4Linear(linear, 128, backend="dequant")(x)) < 0.01
 
 
+@pytest.mark.parametrize("name", INT8_KERNELS)
+def test_every_kernel_runs_in_a_compiled_graph(name):
+    """A compiled decode step traces each int8 layer whole (fullgraph): the u8 kernels' packed weights through the
+    custom op ``codegen_lm::int8_gemm``, the weight-only ones directly, row counts symbolic. dynamo's eager backend
+    runs the graph, so this is fast; inductor's code is tested in test_engine.py."""
+    layer = Int8Linear(make_linear(), kernel=name)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 70):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(compiled(x), layer(x), atol=1e-6, rtol=1e-5)
+
+
 def test_a_plan_runs_each_row_count_with_its_bucket_s_kernel(monkeypatch):
     """Kernels of one storage may split the row counts between them (here the two that read the plain int8 matrix):
     the layer dispatches by rows, and both give the same numbers up to summation order."""

@@ -34,7 +34,6 @@ fails with the list of kernels available here when that one is not.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 import json
@@ -275,7 +274,8 @@ class Plan:
     kernels: tuple[str, ...]
 
     def kernel(self, rows: int) -> Int8Kernel:
-        return KERNELS[self.kernels[max(0, bisect.bisect_right(ROW_BUCKETS, rows) - 1)]]
+        # comparisons, not bisect: a compiled graph traces this with symbolic rows (weight-only kernels are traced)
+        return KERNELS[self.kernels[max(0, sum(rows >= bucket for bucket in ROW_BUCKETS) - 1)]]
 
     def describe(self) -> str:
         """``fbgemm``, or ``int8pack (1-63 rows), dequant (64+ rows)`` when the kernel changes with the rows."""
