@@ -281,7 +281,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on one, or drop --device")
     precisions = args.precisions.split(",")
-    runs = [(s, p) for p in precisions for s in args.systems.split(",") if s.partition("@")[0] in SYSTEMS[p]]
+    runs = [(s, p) for p in precisions for s in args.systems.split(",")  # ours@<int8 kernel>: quantized only
+            if s.partition("@")[0] in SYSTEMS[p] and ("@" not in s or p in ("int8", "int4"))]
     samples = measure(runs, args)
     medians = summarize(samples)
     print_table(medians, precisions)

@@ -59,6 +59,7 @@ CACHE_FORMAT = 1
 _COLD_BYTES = 32 << 20  # few-row timings cycle through this much weight, so that it comes from memory, as in decoding
 _ROUNDS = 5
 _MAX_ROUNDS, _MIN_SECONDS = 50, 0.02
+_BUSY = 0.25  # timings taken while other processes kept more of the CPUs busy are redone when the machine is quieter
 _HEAD_ROWS = 64  # an LM head generating sees one row per sequence: the buckets below this choose its storage
 _GIVE_UP = 3.0  # a kernel this much slower than the best at one row count is not timed at larger ones
 
@@ -323,21 +324,37 @@ def int8_plan(n: int, k: int, head: bool = False) -> Plan:
         entry = _read_cache().get(key)
         plan = _plan_from_entry(entry)
         if plan is None:
-            started = time.perf_counter()
+            started, busy = time.perf_counter(), busy_cpus()
+            if busy > _BUSY:
+                log.warning("timing int8 kernels while other work keeps %.0f%% of the CPUs busy: the choice may be off, "
+                            "and will be timed again when the machine is quieter", 100 * busy)
             plan, timings = measure(n, k, head)
             log.info("int8 kernels for %s on this CPU: %s (timed in %.1f s, kept in %s)", key, plan.describe(),
                      time.perf_counter() - started, cache_file())
             _write_cache(key, {"storage": plan.storage, "kernels": list(plan.kernels), "rows": list(ROW_BUCKETS),
-                               "microseconds": timings})
+                               "busy": round(busy, 2), "microseconds": timings})
         _PLANS[cache_file(), key] = plan
     return _PLANS[cache_file(), key]
 
 
+def busy_cpus() -> float:
+    """The share of the CPUs that other processes kept busy lately (1-minute load average, less this process's one
+    loading thread, over the CPU count), or 0 where the system does not say."""
+    try:
+        return max(0.0, os.getloadavg()[0] - 1) / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def _plan_from_entry(entry: Any) -> Plan | None:
-    """A cached plan, if it is well formed and its kernels still run here."""
+    """A cached plan, if it is well formed, its kernels still run here, and it was not timed on a machine much busier
+    than now (other processes' threads slow some kernels far more than others: kernels that synchronize their
+    threads wait for a descheduled one at every call)."""
     try:
         storage, kernels = entry["storage"], tuple(entry["kernels"])
         if entry["rows"] != list(ROW_BUCKETS) or len(kernels) != len(ROW_BUCKETS):
+            return None
+        if entry.get("busy", 0) > _BUSY and busy_cpus() < entry["busy"] / 2:
             return None
         if storage not in STORAGES or any(name not in available_kernels() or KERNELS[name].storage != storage for name in kernels):
             return None
