@@ -503,23 +503,22 @@ def test_loading_for_inference_peaks_near_the_final_size(tmp_path, mode, safe):
     once: 2.2×). A .bin file is one mapping, read whole by the end of the load; afterwards no tensor may still view
     it, or every page of it would stay resident beside the converted weights. int8 keeps one copy of each weight, the
     embedding included: what stays resident is the int8 size (measured 1.0-1.03× of it; two packings of each matrix
-    and an fp32 embedding were 2.85×), and a safetensors load peaks at 0.51-0.56× the fp32 weights (before: 0.85×)."""
+    and an fp32 embedding were 2.85×), and a safetensors load peaks at 0.51-0.61× the fp32 weights (before: 0.85×)."""
     # Embeddings and head of 16 MB each: read in slices (checkpoint._COPY_SLICE_BYTES).
     model = build_model(n_embd=512, n_head=8, n_layer=8, vocab_size=8192)
     model.save_pretrained(tmp_path / "m", safe_serialization=safe)
     build_model().save_pretrained(tmp_path / "tiny")
     weights = sum(f.stat().st_size for f in (tmp_path / "m").glob("*model*"))  # 135 MB
-    # The first process times the int8 kernels for these shapes (cached in the test's folder), so that the measured
-    # one, like every later load, only reads the choice.
+    # One kernel forced, so that no timing of kernels (a first load's) counts: every storage holds one int8 copy.
+    env = dict(os.environ, **{kernels.FORCE_ENV: kernels.available_kernels()[0]})
     command = [sys.executable, "-c", LOAD_MEMORY, str(tmp_path / "m"), str(tmp_path / "tiny"), mode]
-    subprocess.run(command, capture_output=True, check=True)
-    peak, resident = map(int, subprocess.run(command, capture_output=True, text=True, check=True).stdout.split())
+    peak, resident = map(int, subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split())
     print(f"{mode or 'fp32'}: load peak +{peak / 1e6:.0f} MB, resident +{resident / 1e6:.0f} MB, weights {weights / 1e6:.0f} MB"
           f" ({int8_bytes(model) / 1e6:.0f} MB in int8)")
     if mode == "int8":
         assert resident < 1.15 * int8_bytes(model)
         if safe:
-            assert peak < 0.65 * weights
+            assert peak < 0.7 * weights
     else:
         assert resident < 1.2 * weights
         if safe:
