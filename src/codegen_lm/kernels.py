@@ -20,13 +20,17 @@ The fbgemm and oneDNN kernels multiply u8 activations: each row is scaled to max
 (``activation_grid``), so both compute the same integer products and a row's output does not depend on the rows
 beside it (differences between the two: the rounding of the final float scaling). Kernels of one storage always
 share their numerics, so a request decoded alone or in a batch (other row counts, perhaps another kernel) gets
-the same result. A storage wins when its kernels lose least over all row ranges (geometric mean of each range's
-time over the fastest time any storage reached there): decoding and prefilling count alike.
+the same result. A storage wins when its kernels lose least over the row ranges (geometric mean of each range's
+time over the fastest time any storage reached there): for the blocks decoding and prefilling count alike; the LM
+head, which sees one row per sequence when generating, is judged on the few-row ranges only.
+
+Timings taken while other processes keep the CPUs busy mislead (kernels that synchronize their threads at every
+call wait for a descheduled one), so such a plan is timed again by a later load that finds the machine quieter.
 
 Measured and left out (docs/benchmarks.md): oneDNN with s8 activations (a reference kernel here, 100-1000x
 slower), ``torch._int_mm`` (3-10x slower than fbgemm at one row), and converting fbgemm's packing to oneDNN's on
-the fly for prefill (unpacking and repacking a 7168x1024 weight took 35-55 ms, more than oneDNN saved even at
-2048 rows).
+the fly for prefill (unpacking and repacking a 7168x1024 weight took 35-55 ms on one thread, more than oneDNN's
+GEMM saved even at 2048 rows: 98 against 126 ms).
 
 ``CODEGEN_LM_INT8_KERNEL=<kernel>`` forces one kernel for every layer and row count (debugging, A/B runs); it
 fails with the list of kernels available here when that one is not.
@@ -62,6 +66,7 @@ _MAX_ROUNDS, _MIN_SECONDS = 50, 0.02
 _BUSY = 0.25  # timings taken while other processes kept more of the CPUs busy are redone when the machine is quieter
 _HEAD_ROWS = 64  # an LM head generating sees one row per sequence: the buckets below this choose its storage
 _GIVE_UP = 3.0  # a kernel this much slower than the best at one row count is not timed at larger ones
+_HOPELESS = 10.0  # ... and this much slower after its first timed round, not timed any further at all
 
 
 # --- the machine ----------------------------------------------------------------------------------------------
@@ -434,11 +439,13 @@ def measure(n: int, k: int, head: bool = False) -> tuple[Plan, dict[str, list[fl
                 if round_:
                     elapsed = time.perf_counter() - start
                     best[name], spent[name] = min(best[name], elapsed / cycle), spent[name] + elapsed
-            if round_ == 1 and contenders:  # far behind: no more rounds here, and no larger buckets
-                contenders = [name for name in contenders if best[name] <= _GIVE_UP * min(best[c] for c in contenders)]
+            if round_ == 1 and contenders:  # hopeless (a dequantizing kernel on few rows): no more rounds
+                contenders = [name for name in contenders if best[name] <= _HOPELESS * min(best[c] for c in contenders)]
             round_ += 1
         for name in usable:
             times[name].append(best.get(name, math.inf))
+        if contenders:  # far behind after all rounds: not timed at larger buckets
+            contenders = [name for name in contenders if best[name] <= _GIVE_UP * min(best[c] for c in contenders)]
     scored = [b for b, rows in enumerate(ROW_BUCKETS) if rows < _HEAD_ROWS] if head else list(range(len(ROW_BUCKETS)))
     return choose(times, scored), {name: [None if math.isinf(t) else round(t * 1e6, 1) for t in ts] for name, ts in times.items()}
 

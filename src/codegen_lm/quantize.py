@@ -145,7 +145,7 @@ class Int8Linear(nn.Module):
         else:
             norm = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).clamp_(min=1e-30)
         y = int8_gemm(x / norm, self.key, self.out_features) if compiling else self.gemm(x / norm)
-        y = torch.addcmul(self.bias, y, norm) if self.bias is not None else y.mul_(norm)
+        y = torch.addcmul(self.bias, y, norm, out=y) if self.bias is not None else y.mul_(norm)  # y is the kernel's own
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
