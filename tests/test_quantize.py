@@ -257,7 +257,7 @@ def test_kernel_choices_are_cached_and_rebuilt_when_corrupt_or_foreign(monkeypat
     path.write_text(json.dumps(data))
     assert new_process() == kernels.Plan.single("dequant") and len(calls) == 1
 
-    # Timed while other processes kept the CPUs busy: kept while the machine stays as busy, timed again once quieter.
+    # Timed while other processes kept the CPUs busy: kept while the machine stays busy, timed again once it is quiet.
     monkeypatch.setattr(kernels, "busy_cpus", lambda: 0.5)
     data["plans"][kernels.plan_key(96, 64)]["busy"] = 0.9
     path.write_text(json.dumps(data))

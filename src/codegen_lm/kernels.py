@@ -25,7 +25,7 @@ time over the fastest time any storage reached there): for the blocks decoding a
 head, which sees one row per sequence when generating, is judged on the few-row ranges only.
 
 Timings taken while other processes keep the CPUs busy mislead (kernels that synchronize their threads at every
-call wait for a descheduled one), so such a plan is timed again by a later load that finds the machine quieter.
+call wait for a descheduled one), so such a plan is timed again by the first later load that finds the machine quiet.
 
 Measured and left out (docs/benchmarks.md): oneDNN with s8 activations (a reference kernel here, 100-1000x
 slower), ``torch._int_mm`` (3-10x slower than fbgemm at one row), and converting fbgemm's packing to oneDNN's on
@@ -63,7 +63,7 @@ CACHE_FORMAT = 1
 _COLD_BYTES = 32 << 20  # few-row timings cycle through this much weight, so that it comes from memory, as in decoding
 _ROUNDS = 5
 _MAX_ROUNDS, _MIN_SECONDS = 50, 0.02
-_BUSY = 0.25  # timings taken while other processes kept more of the CPUs busy are redone when the machine is quieter
+_BUSY = 0.25  # timings taken while other processes kept more of the CPUs busy are redone once the machine is quiet
 _HEAD_ROWS = 64  # an LM head generating sees one row per sequence: the buckets below this choose its storage
 _GIVE_UP = 3.0  # a kernel this much slower than the best at one row count is not timed at larger ones
 _HOPELESS = 10.0  # ... and this much slower after its first timed round, not timed any further at all
@@ -332,7 +332,7 @@ def int8_plan(n: int, k: int, head: bool = False) -> Plan:
             started, busy = time.perf_counter(), busy_cpus()
             if busy > _BUSY:
                 log.warning("timing int8 kernels while other work keeps %.0f%% of the CPUs busy: the choice may be off, "
-                            "and will be timed again when the machine is quieter", 100 * busy)
+                            "and will be timed again once the machine is quiet", 100 * busy)
             plan, timings = measure(n, k, head)
             log.info("int8 kernels for %s on this CPU: %s (timed in %.1f s, kept in %s)", key, plan.describe(),
                      time.perf_counter() - started, cache_file())
@@ -352,14 +352,14 @@ def busy_cpus() -> float:
 
 
 def _plan_from_entry(entry: Any) -> Plan | None:
-    """A cached plan, if it is well formed, its kernels still run here, and it was not timed on a machine much busier
-    than now (other processes' threads slow some kernels far more than others: kernels that synchronize their
-    threads wait for a descheduled one at every call)."""
+    """A cached plan, if it is well formed, its kernels still run here, and it was not timed on a busy machine while
+    this one is quiet (other processes' threads slow some kernels far more than others: kernels that synchronize
+    their threads wait for a descheduled one at every call)."""
     try:
         storage, kernels = entry["storage"], tuple(entry["kernels"])
         if entry["rows"] != list(ROW_BUCKETS) or len(kernels) != len(ROW_BUCKETS):
             return None
-        if entry.get("busy", 0) > _BUSY and busy_cpus() < entry["busy"] / 2:
+        if entry.get("busy", 0) > _BUSY and busy_cpus() <= _BUSY:
             return None
         if storage not in STORAGES or any(name not in available_kernels() or KERNELS[name].storage != storage for name in kernels):
             return None
