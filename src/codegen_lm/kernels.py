@@ -136,7 +136,6 @@ class Int8Weights:
     """One layer's int8 weights in one storage's layout. ``packed`` is the storage's own object (fbgemm's packed
     params, oneDNN's blocked tensor, or the int8 matrix itself); ``scale`` the per-output-channel scale (fp32)."""
 
-    storage: str
     packed: Any
     scale: torch.Tensor
     zero_points: torch.Tensor | None = None  # oneDNN wants them spelled out (all 0: symmetric weights)
@@ -148,15 +147,15 @@ def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor) -> Int8Weights:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        return Int8Weights("fbgemm", torch.ops.quantized.linear_prepack(qweight, None), scale)
+        return Int8Weights(torch.ops.quantized.linear_prepack(qweight, None), scale)
 
 
 def _pack_onednn(q: torch.Tensor, scale: torch.Tensor) -> Int8Weights:
-    return Int8Weights("onednn", torch.ops.onednn.qlinear_prepack(q, None), scale.float(), torch.zeros_like(scale, dtype=torch.long))
+    return Int8Weights(torch.ops.onednn.qlinear_prepack(q, None), scale.float(), torch.zeros_like(scale, dtype=torch.long))
 
 
 def _pack_plain(q: torch.Tensor, scale: torch.Tensor) -> Int8Weights:
-    return Int8Weights("plain", q, scale.float())
+    return Int8Weights(q, scale.float())
 
 
 @dataclass(frozen=True)
@@ -227,6 +226,11 @@ def _rows(rows: int, k: int, storage: str, generator: torch.Generator) -> torch.
     return x / x.abs().amax(dim=-1, keepdim=True) if STORAGES[storage].scaled_rows else x
 
 
+def error_summary(e: Exception) -> str:
+    """The exception's type and first line: why a kernel cannot run here."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _error(kernel: Int8Kernel, weights: Int8Weights, q: torch.Tensor, scale: torch.Tensor, generator: torch.Generator) -> str | None:
     """Why ``kernel`` cannot run these weights here (it raises, or is wrong), or None when it can: on a few rows,
     its first outputs must be within 0.02 (relative L2) of the int8 weights' exact product, the bound the tests
@@ -235,7 +239,7 @@ def _error(kernel: Int8Kernel, weights: Int8Weights, q: torch.Tensor, scale: tor
     try:
         y = kernel.run(weights, x)[:, :256]
     except Exception as e:  # any failure means "not here": unsupported ISA, shape, missing op
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error_summary(e)
     reference = F.linear(x, q[:256].float()) * scale[:256]
     if y.shape != reference.shape or not torch.isfinite(y).all():
         return "wrong shape or non-finite output"
@@ -252,7 +256,7 @@ def _check(kernel: Int8Kernel) -> str | None:
     try:
         weights = STORAGES[kernel.storage].pack(q, scale)
     except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error_summary(e)
     return _error(kernel, weights, q, scale, generator)
 
 
@@ -407,7 +411,7 @@ def measure(n: int, k: int, head: bool = False) -> tuple[Plan, dict[str, list[fl
                 weights[kernel.storage] = [STORAGES[kernel.storage].pack(q, scale) for q, scale in matrices]
             reason = _error(kernel, weights[kernel.storage][0], *matrices[0], generator)
         except Exception as e:  # packing this shape failed
-            reason = f"{type(e).__name__}: {e}"
+            reason = error_summary(e)
         if reason is None:
             usable.append(name)
         else:

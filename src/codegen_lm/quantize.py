@@ -181,7 +181,7 @@ def _int4pack_runs() -> str | None:
         scales_zeros = torch.ones(1, 32, 2, dtype=torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(2, 128, dtype=torch.bfloat16), packed, 128, scales_zeros)
     except Exception as e:  # missing op, unsupported CPU
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return kernels.error_summary(e)
     expected = (q.float() - 8).sum(dim=1) + 128  # (q - 8) * 1 + 1 summed over 128 ones
     return None if torch.allclose(y[0].float(), expected, rtol=1e-2) else "wrong results"
 
