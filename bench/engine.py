@@ -3,6 +3,7 @@
     python bench/engine.py                       # 350M shape, random weights, 2 threads, 3 rounds
     python bench/engine.py --rounds 5 --precisions fp32,int8
     python bench/engine.py --device cuda --precisions bf16 --size 2B --compile   # GPU: ours vs transformers
+    python bench/engine.py --precisions int8 --systems ours,ours@fbgemm,ours@onednn,ctranslate2   # forced kernels
 
 For each precision, every system runs in its own subprocess (so peak RSS is per system), one subprocess per
 system and round; the rounds interleave the systems so that load from other processes on a shared machine
@@ -22,7 +23,10 @@ table ends with each system's batch-1 decode bandwidth: matmul weight bytes × t
 measured in the same process. --compile runs our decode step as CUDA graphs (compiled before timing).
 
 The checkpoint (random weights, official layout) and its CTranslate2 conversions (made with CTranslate2's own
-TransformersConverter) are cached in --workdir.
+TransformersConverter) are cached in --workdir. Our int8 kernels are chosen (timed once per machine and cached,
+``codegen_lm.kernels``) before the rounds, so no timed process pays for that; the table is preceded by the kernel
+each kind of layer runs. A system ``ours@<kernel>`` is ours with that int8 kernel forced for every layer
+(``CODEGEN_LM_INT8_KERNEL``), for A/B runs of kernels side by side.
 """
 
 from __future__ import annotations
@@ -73,19 +77,28 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+def load_ours(args: argparse.Namespace):
     import codegen_lm  # noqa: F401  first, as the CLI does: it asks torch for 2 MB pages before torch allocates anything
     import torch
 
     from codegen_lm.checkpoint import load_model
     from codegen_lm.engine import Generator, SamplingParams
+    from codegen_lm.quantize import kernel_choices
 
     torch.set_num_threads(args.threads)
     # What Generator.from_pretrained does (the checkpoint has no tokenizer files).
     quantize = args.precision if args.precision in ("int8", "int4") else None
     dtype = TORCH_DTYPES.get(args.precision, "float32")
     model = load_model(args.checkpoint, quantize=quantize, inference=True, dtype=dtype, device=args.device)
-    generator = Generator(model, None, max_batch=8, compile=args.compile)
+    print("KERNELS " + json.dumps(kernel_choices(model)), flush=True)
+    return model
+
+
+def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]]:
+    from codegen_lm.engine import Generator, SamplingParams
+
+    # No prefix cache: the rounds repeat their prompts, and the peers keep nothing between requests.
+    generator = Generator(load_ours(args), None, max_batch=8, compile=args.compile, prefix_cache_mb=0)
     new = args.new_tokens
 
     def complete(batch, **params):
@@ -195,7 +208,13 @@ def copy_bandwidth() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    runner = {"ours": run_ours, "transformers": run_transformers, "ctranslate2": run_ctranslate2}[args.system]
+    system, _, kernel = args.system.partition("@")
+    if kernel:
+        os.environ["CODEGEN_LM_INT8_KERNEL"] = kernel
+    if not args.scenarios:  # only load: chooses (and caches) our kernels
+        load_ours(args)
+        return
+    runner = {"ours": run_ours, "transformers": run_transformers, "ctranslate2": run_ctranslate2}[system]
     scenarios = runner(args, prompts())
     peak = peak_gpu_memory if args.device.startswith("cuda") else peak_rss
     result = {}
@@ -264,17 +283,23 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on one, or drop --device")
     precisions = args.precisions.split(",")
-    runs = [(s, p) for p in precisions for s in SYSTEMS[p] if s in args.systems.split(",")]
-    medians = measure(runs, args)
+    runs = [(s, p) for p in precisions for s in args.systems.split(",")  # ours@<int8 kernel>: quantized only
+            if s.partition("@")[0] in SYSTEMS[p] and ("@" not in s or p in ("int8", "int4"))]
+    samples = measure(runs, args)
+    medians = summarize(samples)
     print_table(medians, precisions)
+    print_ratios(medians, samples, precisions)
     if args.device.startswith("cuda"):
         print_bandwidth(medians, args.size)
     if args.json:
         Path(args.json).write_text(json.dumps({f"{s} {p}": m for (s, p), m in medians.items()}, indent=2) + "\n")
 
 
-def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple[str, str], dict[str, float]]:
-    """Run every (system, precision) once per round, each in its own subprocess; medians over rounds (RSS: max)."""
+Samples = dict[tuple[str, str], list[dict[str, float]]]
+
+
+def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> Samples:
+    """Run every (system, precision) once per round, each in its own subprocess: each run's figures, by round."""
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     gpu = args.device.startswith("cuda")
@@ -290,19 +315,34 @@ def measure(runs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple
     print(f"threads {args.threads}, {args.rounds} rounds, {args.new_tokens} new tokens; load average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+
+    def run(system: str, precision: str, scenarios: str) -> str:
+        command = [sys.executable, __file__, "--worker", system, precision, "--checkpoint", str(checkpoint),
+                   "--workdir", str(workdir), "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                   "--scenarios", scenarios, "--device", args.device] + (["--compile"] if args.compile else [])
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"{system} {precision} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    for system, precision in runs:  # our kernel choices, made (or read from the cache) before anything is timed
+        if system.startswith("ours"):
+            kernels = next(l for l in run(system, precision, "").splitlines() if l.startswith("KERNELS "))
+            print(f"{system} {precision} kernels: {', '.join(f'{k}: {v}' for k, v in json.loads(kernels[8:]).items())}")
     samples: dict[tuple[str, str], list[dict[str, float]]] = {run: [] for run in runs}
     for round_ in range(args.rounds):
         for system, precision in runs:
-            command = [sys.executable, __file__, "--worker", system, precision, "--checkpoint", str(checkpoint),
-                       "--workdir", str(workdir), "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                       "--scenarios", args.scenarios, "--device", args.device] + (["--compile"] if args.compile else [])
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((l for l in run(system, precision, args.scenarios).splitlines() if l.startswith("RESULT ")), None)
             if line is None:
-                sys.exit(f"{system} {precision} failed:\n{done.stderr[-3000:]}")
+                sys.exit(f"{system} {precision} gave no result")
             samples[(system, precision)].append(json.loads(line[7:]))
             print(f"round {round_ + 1} {system:12s} {precision}: {line[7:]}", flush=True)
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return samples
+
+
+def summarize(samples: Samples) -> dict[tuple[str, str], dict[str, float]]:
+    """Medians over rounds (peak memory: the largest)."""
     medians = {run: {k: statistics.median(s[k] for s in results) for k in results[0]} for run, results in samples.items()}
     peaks = {k for k in next(iter(samples.values()))[0] if k.startswith("rss")}
     return {run: {**m, **{k: max(s[k] for s in samples[run]) for k in peaks}} for run, m in medians.items()}
@@ -332,16 +372,31 @@ def print_table(medians: dict[tuple[str, str], dict[str, float]], precisions: li
     print("\n| system | precision | " + " | ".join(COLUMNS[k][0] for k in keys) + " |\n|" + "---|" * (len(keys) + 2))
     for (system, precision), m in medians.items():
         print(f"| {system} | {precision} | " + " | ".join(COLUMNS[k][1].format(m[k]) for k in keys) + " |")
-    print("\nRatios, ours / peer (higher is better for ours; prefill, TTFT and RSS are peer / ours):")
+
+
+def ratio(key: str, ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """> 1 means ours is better: tokens/s ours / peer, times and memory peer / ours."""
+    return ours[key] / theirs[key] if key in ("decode", "n8") else theirs[key] / ours[key]
+
+
+def print_ratios(medians: dict[tuple[str, str], dict[str, float]], samples: Samples, precisions: list[str]) -> None:
+    """Each of our systems against each peer: the ratio of the medians, then the median of the per-round ratios
+    (each from processes run one after the other in the same round, so less exposed to a shared machine's load)."""
+    keys = [k for k in COLUMNS if k in next(iter(medians.values()))]
+    print("\nRatios, ours / peer (higher is better for ours; prefill, TTFT and RSS are peer / ours); "
+          "ratio of medians [median of per-round ratios]:")
     for precision in precisions:
-        ours = medians.get(("ours", precision))
-        for peer in ("transformers", "ctranslate2"):
-            for peer_precision in dict.fromkeys([precision, "fp32"]):
-                theirs = medians.get((peer, peer_precision))
-                if ours is None or theirs is None:
-                    continue
-                ratios = [f"{k} {(ours[k] / theirs[k]) if k in ('decode', 'n8') else (theirs[k] / ours[k]):.2f}×" for k in keys]
-                print(f"ours {precision} vs {peer} {peer_precision}: " + ", ".join(ratios))
+        for system in [s for s, p in medians if p == precision and s.startswith("ours")]:
+            ours = medians[system, precision]
+            for peer in ("transformers", "ctranslate2"):
+                for peer_precision in dict.fromkeys([precision, "fp32"]):
+                    theirs = medians.get((peer, peer_precision))
+                    if theirs is None:
+                        continue
+                    rounds = list(zip(samples[system, precision], samples[peer, peer_precision]))
+                    paired = {k: statistics.median(ratio(k, a, b) for a, b in rounds) for k in keys if not k.startswith("rss")}
+                    print(f"{system} {precision} vs {peer} {peer_precision}: " + ", ".join(
+                        f"{k} {ratio(k, ours, theirs):.2f}×" + (f" [{paired[k]:.2f}×]" if k in paired else "") for k in keys))
 
 
 if __name__ == "__main__":

@@ -492,7 +492,7 @@ def test_a_request_with_nan_logits_fails_alone(model, failing_model):
     got = collect(scheduler)
     assert got["poisoned"] == got["late"] == "the model's logits hold NaN or inf"
     assert {name: got[name] for name in HEALTHY} == alone  # the samples waiting for a row went too: n=2 > max_batch
-    assert not scheduler.requests and scheduler.cache is not None
+    assert not scheduler.requests and not scheduler.has_unfinished()
     scheduler.add_request(*HEALTHY["greedy"], request_id="after")  # the scheduler goes on
     assert collect(scheduler)["after"] == alone["greedy"]
     with pytest.raises(GenerationError, match="generating for prompt 1 failed: the model's logits hold NaN"):

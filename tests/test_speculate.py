@@ -128,7 +128,8 @@ def test_int8_target_with_an_int8_self_draft_and_int4(tmp_path):
         spec = Generator.from_pretrained(str(folder), quantize=quantize, speculative=speculative)
         expected, got = plain.complete([prompt], params)[0][0], spec.complete([prompt], params)[0][0]
         assert got.token_ids == expected.token_ids, (quantize, speculative)
-        assert got.proposed_tokens > 0
+        if speculative != "ngram":  # (a random model's text may never repeat an n-gram; a draft always proposes)
+            assert got.proposed_tokens > 0
 
 
 def test_the_adaptive_switch_pauses_a_failing_proposer_and_a_full_batch(target, draft):

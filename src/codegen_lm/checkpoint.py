@@ -7,6 +7,7 @@ it is read, from copies of the tensors (``load_model(..., inference=True)``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from .config import CodeGenConfig
 from .hub import CheckpointNotFoundError, atomic_path, atomic_write_text, is_local, list_files, resolve_file
 from .memory import release_freed_memory, reuse_large_buffers
 from .model import CodeGenForCausalLM, CodeGenPreTrainedModel, rotary_table
-from .quantize import check_quantize, prepare_block, prepare_linear
+from .quantize import check_quantize, prepare_block, prepare_embedding, prepare_linear
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPES = {
@@ -86,13 +87,15 @@ def weight_files(name_or_path: str | os.PathLike) -> list[Path]:
     raise CheckpointNotFoundError(f"no weights ({' or '.join(WEIGHT_FILES[::2])}) in {where} {name_or_path}")
 
 
-def _read_order(key: str) -> tuple[int, int]:
+def _read_order(key: str, convert_embedding: bool = False) -> tuple[int, int]:
     """The LM head first: preparing it for inference makes a second copy, best made while little else is in
-    memory. Then the blocks one after another, so that each block is complete, and converted, before the next
-    is read. Everything else (embeddings, final norm) is kept as read, so it comes last and adds no copy to
-    the memory peak."""
+    memory (so does quantizing the embedding, read next then). Then the blocks one after another, so that each
+    block is complete, and converted, before the next is read. Everything else (an embedding kept as read, the
+    final norm) comes last and adds no copy to the memory peak."""
     if key.startswith("lm_head."):
         return (0, 0)
+    if convert_embedding and key.endswith("wte.weight"):
+        return (0, 1)
     block = re.search(r"(?:^|\.)h\.(\d+)\.", key)
     return (1, int(block.group(1))) if block else (2, 0)
 
@@ -121,16 +124,17 @@ def _copy_tensor(path: Path, key: str) -> torch.Tensor:
     return copy
 
 
-def iter_tensors(files: list[Path], owned: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: list[Path], owned: bool = False, convert_embedding: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) from .safetensors or .bin files, in ``_read_order``. The tensors view the memory-mapped file
     (its pages are read as they are used), or with ``owned`` are copies: then no mapping outlives the load."""
+    order = functools.partial(_read_order, convert_embedding=convert_embedding)
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    keys = sorted(f.keys(), key=_read_order)
+                    keys = sorted(f.keys(), key=order)
                     if not owned:
                         for key in keys:
                             yield key, f.get_tensor(key)
@@ -144,7 +148,7 @@ def iter_tensors(files: list[Path], owned: bool = False) -> Iterator[tuple[str, 
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # pickle errors come in many types
                 raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-            for key in sorted(state, key=_read_order):
+            for key in sorted(state, key=order):
                 tensor = state.pop(key)  # one mapping for the file: it goes when its last view does
                 yield key, tensor.clone() if owned else tensor
 
@@ -173,9 +177,10 @@ def load_model(
     config = config or CodeGenConfig.from_pretrained(name_or_path)
     target = parse_device(device, device_map)
     dtype = parse_dtype(dtype if dtype is not None else torch_dtype, config, str(target))
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = model_class(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    # the state dict's names and shapes, without running its hooks on meta tensors (see _no_init)
+    expected = {k: v.shape for k, v in model.named_parameters(remove_duplicate=False)}
     prefix = "" if model_class is CodeGenForCausalLM else "transformer."
     tied = config.tie_word_embeddings
     body = model if prefix else model.transformer
@@ -186,11 +191,14 @@ def load_model(
             units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize)
         if not prefix and not tied:
             units["lm_head."] = functools.partial(_prepare_head, model, quantize)
+    convert_embedding = quantize is not None and not (tied and not prefix)  # a tied head is made from it at the end
+    if convert_embedding:
+        units[f"{'' if prefix else 'transformer.'}wte."] = functools.partial(prepare_embedding, body, quantize)
     wanted = {unit: sum(key.startswith(unit) for key in expected) for unit in units}
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
-    for key, tensor in iter_tensors(weight_files(name_or_path), owned=prepare):
+    for key, tensor in iter_tensors(weight_files(name_or_path), owned=prepare, convert_embedding=convert_embedding):
         if key.endswith(("attn.causal_mask", "attn.masked_bias")):
             continue
         if prefix:  # a CodeGenModel reads the body of a CausalLM checkpoint
@@ -225,12 +233,29 @@ def load_model(
         model.lm_head.weight = model.transformer.wte.weight
         if prepare:
             _prepare_head(model, quantize)
+            prepare_embedding(body, quantize)
     model.eval()
     model.quantization = quantize
     if prepare:
         release_freed_memory()
         reuse_large_buffers()  # the process runs inference from here on (see codegen_lm.memory)
     return model
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's functions do nothing meanwhile (as in transformers' ``no_init_weights``): a model built on
+    the meta device gets its weights from the checkpoint, and most ops on meta tensors (``normal_`` among them) import
+    sympy and torch._dynamo for their shape checks, about 70 MB that stay resident (torch 2.13)."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _prepare_head(model: CodeGenForCausalLM, quantize: str | None) -> None:

@@ -118,7 +118,8 @@ def complete_command(
     truncate: bool = typer.Option(False, "--truncate", help="Cut the completion like the CodeGen examples: before a "
                                   "second def/print line, a new top-level comment, ''' or two blank lines."),
     stream: bool = typer.Option(False, "--stream", help="Print the completion as it is generated."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON: completion text, token ids, finish reason."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON: completion text, token ids, finish reason, and "
+                                     "the kernel each kind of linear layer runs."),
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     quantize: str = QUANTIZE_OPTION,
@@ -174,13 +175,16 @@ def complete_command(
         if len(completion) < len(result.text):  # the generated tokens that make up the kept text
             decode = generator.tokenizer.decode
             kept_ids = next(kept_ids[:k] for k in range(len(kept_ids) + 1) if len(decode(kept_ids[:k])) >= len(completion))
+        from .quantize import kernel_choices
+
         typer.echo(json.dumps({
             "prompt": text, "completion": completion, "token_ids": kept_ids, "finish_reason": finish_reason,
             "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens,
             "forward_passes": result.forward_passes, "tokens_per_forward_pass": round(
                 len(result.token_ids) / max(result.forward_passes, 1), 3), "proposed_tokens": result.proposed_tokens,
             "accepted_tokens": result.accepted_tokens, "acceptance_rate": round(
-                result.accepted_tokens / result.proposed_tokens, 3) if result.proposed_tokens else None}))
+                result.accepted_tokens / result.proposed_tokens, 3) if result.proposed_tokens else None,
+            "kernels": kernel_choices(generator.model)}))
     else:
         typer.echo(text + completion)
 

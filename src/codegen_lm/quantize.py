@@ -11,22 +11,20 @@ larger matmuls are more tokens per second.
   15 GB/s at batch 1 and 8 GB/s at batch 8, the blocked oneDNN kernel 28-31 and 24 GB/s; AVX2-only, MKL
   reached half of oneDNN's speed at every batch size, and the row-major weight was as fast as the blocked one
   at 1-8 rows and 1.3-1.5× faster from 64. Results differ from ``F.linear`` only by summation order (about 1e-6).
-* **int8**: weights per output channel (symmetric, [-127, 127]), activations quantized on the fly per row. Few
-  rows (decoding) go through fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``), many rows (prefill)
-  through oneDNN's (``torch.ops.onednn.qlinear_pointwise``, 1.3-1.8× faster there, slower for a few rows; from
-  16 rows with VNNI, from 256 without). Without VNNI both take 7-bit activations, since their u8×s8 products
-  are summed in pairs in int16 there, which 8 bits could overflow. fbgemm quantizes a whole activation matrix
-  with one scale; to keep each row independent of the others (a request's output must not depend on what else
-  is in the batch) every row is scaled to max |x| = 1 first and two anchor columns (+1, -1, with zero weights)
-  pin the matrix range to [-1, 1] whatever the batch holds. The oneDNN path quantizes the same way, so both
-  compute the same integer products and differ only in the rounding of the final float scaling (1 ulp).
-  PyTorch's weight-only ``_weight_int8pack_mm`` and torchao's int8 weight-only layers were 5-10× slower than
-  fp32 here, so they are not used. A compiled decode step reaches fbgemm through the custom op
-  ``codegen_lm::fbgemm_linear`` (its packed weights cannot be traced) and fuses the small ops around it.
+* **int8**: weights per output channel (symmetric, [-127, 127]), one copy per layer, in the layout of the kernel
+  that ``codegen_lm.kernels`` measured fastest for the layer's shape on this CPU (fbgemm's or oneDNN's int8 GEMM
+  with u8 activations on x86, ``_weight_int8pack_mm`` or a dequantizing fp32 matmul elsewhere; the choice is
+  timed once per machine and cached). The u8 kernels take each row scaled to max |x| = 1 on one fixed activation
+  grid, so a row's output does not depend on what else is in the batch. A compiled decode step reaches those
+  kernels through the custom op ``codegen_lm::int8_gemm`` (their packed weights cannot be traced) and fuses the
+  small ops around it. The token embedding is int8 too (one scale per row, as CTranslate2 stores it), and so is
+  the LM head, also under int4.
 * **int4**: weights group-wise (asymmetric, groups of 128 along the input) with PyTorch's packed int4 CPU kernel
   (``_weight_int4pack_mm_for_cpu``), which is fast with bf16 activations (and slow with fp32 ones); the output
   is cast back to fp32. The LM head stays int8: its errors land on the logits directly. It pays on CPUs with
-  AVX-512 BF16; on AVX2 alone it decoded slower than int8 and prefilled 3.6× slower (docs/benchmarks.md).
+  AVX-512 BF16; on AVX2 alone it decoded slower than int8 and prefilled 3.6× slower (docs/benchmarks.md). Where
+  that kernel does not run, int4 falls back to dequantizing into an fp32 matmul (``CODEGEN_LM_INT4_KERNEL``
+  forces either).
 
 On other devices (CUDA) the same quantized weights run through a plain dequantize-then-matmul path, which
 is exact and portable but not a fast kernel; full-precision layers stay ``nn.Linear`` there.
@@ -36,62 +34,39 @@ from __future__ import annotations
 
 import functools
 import itertools
-import warnings
+import logging
+import os
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+from .kernels import cpu_flags, has_vnni
 from .model import refuse_to_save
+
+log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _reduce_range() -> bool:
-    # Without VNNI, fbgemm's u8×s8 kernels add pairs of products in int16, which can saturate unless the
-    # activations use 7 bits. VNNI accumulates in int32, so the full 8 bits are safe.
-    return "avx512_vnni" not in cpu_flags()
-
-
-def _fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def _has_vnni() -> bool:
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
-
-
-@functools.cache
-def _onednn_int8_available() -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.onednn.qlinear_pointwise, torch.ops.onednn.qlinear_prepack
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+INT4_FORCE_ENV = "CODEGEN_LM_INT4_KERNEL"
+_has_vnni = has_vnni  # the name tests/test_convert.py imports
+_QUANTIZE_CHUNK_BYTES = 8 << 20
 
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]``, q in [-127, 127]."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]``, q in [-127, 127]. Computed a few MB
+    of rows at a time, so that quantizing a large matrix (the 200 MB embedding) adds no full-size temporaries."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    step = max(1, _QUANTIZE_CHUNK_BYTES // (4 * k))
+    for start in range(0, n, step):
+        w = weight[start : start + step].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[start : start + step] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[start : start + step] = s
     return q, scale
 
 
@@ -107,97 +82,131 @@ def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torc
     return q, scale, low + 8 * scale
 
 
-# fbgemm's packed weights are an opaque object that torch.compile cannot trace, so a compiled graph reaches each
-# layer's GEMM through the custom op below, by the layer's key in this table.
-_FBGEMM_LAYERS: weakref.WeakValueDictionary[int, "Int8Linear"] = weakref.WeakValueDictionary()
-_FBGEMM_KEYS = itertools.count()
+# Packed int8 weights are opaque objects that torch.compile cannot trace, so a compiled graph reaches each layer's
+# GEMM through the custom op below, by the layer's key in this table.
+_INT8_LAYERS: weakref.WeakValueDictionary[int, "Int8Linear"] = weakref.WeakValueDictionary()
+_INT8_KEYS = itertools.count()
 
 
-@torch.library.custom_op("codegen_lm::fbgemm_linear", mutates_args=())
-def fbgemm_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    """fbgemm's int8 GEMM (``quantized.linear_dynamic``) of the ``Int8Linear`` whose key is ``layer``."""
-    module = _FBGEMM_LAYERS[layer]
-    return torch.ops.quantized.linear_dynamic(x, module._packed, module.reduce_range)
+@torch.library.custom_op("codegen_lm::int8_gemm", mutates_args=())
+def int8_gemm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """The int8 GEMM of the ``Int8Linear`` whose key is ``layer`` (the kernel its plan gives ``x``'s row count)."""
+    return _INT8_LAYERS[layer].gemm(x)
 
 
-@fbgemm_linear.register_fake
+@int8_gemm.register_fake
 def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 per-channel weights (see the module docstring for the kernels)."""
+    """``nn.Linear`` with int8 per-channel weights, run by the kernel plan measured for its shape (``head``: the LM
+    head's, chosen for the few rows it sees when generating; ``codegen_lm.kernels``), or by ``kernel`` for every
+    row count when given."""
 
-    def __init__(self, linear: nn.Linear, backend: str | None = None):
+    def __init__(self, linear: nn.Linear, kernel: str | None = None, head: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        device = linear.weight.device
-        self.backend = backend or ("fbgemm" if device.type == "cpu" and _fbgemm_available() else "dequant")
-        q, scale = quantize_per_channel_int8(linear.weight)
+        if linear.weight.device.type != "cpu":
+            self.plan = kernels.Plan.single(kernel or "dequant")
+        elif kernel is not None:
+            if kernel not in kernels.available_kernels():
+                raise ValueError(f"int8 kernel {kernel!r} does not run here; use one of {', '.join(kernels.available_kernels())}")
+            self.plan = kernels.Plan.single(kernel)
+        else:
+            self.plan = kernels.int8_plan(self.out_features, self.in_features, head)
+        storage = kernels.STORAGES[self.plan.storage]
+        self.weights = storage.pack(*quantize_per_channel_int8(linear.weight))
+        self.scaled_rows = storage.scaled_rows
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
-        self._onednn = None
-        if self.backend == "fbgemm":
-            zero_columns = q.new_zeros(self.out_features, 2)  # weights of the two anchor inputs
-            # PyTorch deprecates creating quantized tensors (the fbgemm and oneDNN ops still take them, checked with
-            # torch 2.13) and warns once per process, at the first one: here, before any forward quantizes.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                qweight = torch._make_per_channel_quantized_tensor(
-                    torch.cat([q, zero_columns], dim=1), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-                )
-                self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-            self.register_buffer("anchors", torch.tensor([[1.0, -1.0]], device=device), persistent=False)
-            self.key = next(_FBGEMM_KEYS)
-            _FBGEMM_LAYERS[self.key] = self
-            self.reduce_range = _reduce_range()
-            # The activation grid both kernels use for rows scaled to [-1, 1]: what fbgemm picks for that range
-            # (7 bits with reduce_range), so that both compute the same integer products. From onednn_min_rows rows
-            # on, oneDNN's GEMM beats fbgemm's (measured with AVX-512 VNNI: 8 rows 0.8×, 16 rows 1.2×, 2048 1.75×;
-            # AVX2 only: 64 rows 0.76×, 256 1.06×, 2048 1.5×).
-            self.x_scale, self.x_zero_point = (2 / 127, 64) if self.reduce_range else (2 / 255, 128)
-            self.onednn_min_rows = 16 if _has_vnni() else 256
-            if _onednn_int8_available():
-                self._onednn = (torch.ops.onednn.qlinear_prepack(q, None), scale.float(), torch.zeros_like(scale, dtype=torch.long))
-        elif self.backend == "dequant":
-            self.register_buffer("weight_int8", q, persistent=False)
-            self.register_buffer("scale", scale, persistent=False)
-        else:
-            raise ValueError(f"unknown int8 backend {self.backend!r}; use fbgemm or dequant")
+        self.key = next(_INT8_KEYS)
+        _INT8_LAYERS[self.key] = self
         self._register_state_dict_hook(refuse_to_save)
 
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[rows, in]`` times the int8 weights, by the plan's kernel for that many rows."""
+        return self.plan.kernel(x.shape[0]).run(self.weights, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "dequant":
-            y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features).float()
-        rows = x.shape[0]
-        # A compiled graph (decoding: few rows) always takes fbgemm, and inductor fuses the small ops around it.
+        x = x.reshape(-1, self.in_features)
+        if not self.scaled_rows:  # weight-only kernels take the activations as they are
+            y = self.gemm(x)
+            y = y + self.bias.to(y.dtype) if self.bias is not None else y
+            return y.view(*shape[:-1], self.out_features).to(dtype)
+        x = x.float()
+        # A compiled graph reaches the kernel through a custom op, and inductor fuses the small ops around it.
         compiling = torch.compiler.is_compiling()
-        # max |x| per row: a few rows (decoding) take one op, since there each small op costs its overhead (this and
-        # the single cat below: 3 % of an int8 decode step on AVX2); for many rows max(amax, -amin) is 5× faster
-        if compiling or rows < 16:
+        # max |x| per row: a few rows (decoding) take one op, since there each small op costs its overhead; for many
+        # rows max(amax, -amin) is 5× faster
+        if compiling or x.shape[0] < 16:
             norm = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
         else:
             norm = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).clamp_(min=1e-30)
-        if self._onednn is not None and not compiling and rows >= self.onednn_min_rows:
-            x_q = torch.quantize_per_tensor(x / norm, self.x_scale, self.x_zero_point, torch.quint8).int_repr()
-            weight, w_scale, w_zero = self._onednn
-            y = torch.ops.onednn.qlinear_pointwise(x_q, self.x_scale, self.x_zero_point, weight, w_scale, w_zero, None,
-                                                   1.0, 0, torch.float32, "none", [], "")
-        else:
-            scaled = torch.cat([x / norm, self.anchors.expand(rows, 2)], dim=1)
-            if compiling:
-                y = fbgemm_linear(scaled, self.key, self.out_features)
-            else:
-                y = torch.ops.quantized.linear_dynamic(scaled, self._packed, self.reduce_range)
-        y = torch.addcmul(self.bias, y, norm) if self.bias is not None else y.mul_(norm)
+        y = int8_gemm(x / norm, self.key, self.out_features) if compiling else self.gemm(x / norm)
+        y = torch.addcmul(self.bias, y, norm, out=y) if self.bias is not None else y.mul_(norm)  # y is the kernel's own
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        kernels = self.backend + ("+onednn" if self._onednn is not None else "")
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend={kernels}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.plan.describe()}"
+
+
+class Int8Embedding(nn.Module):
+    """``nn.Embedding`` with int8 rows (symmetric, one scale per row, as CTranslate2 stores its embeddings): a
+    quarter of the fp32 table's memory, and only the looked-up rows are ever converted."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.dtype = embedding.weight.dtype
+        q, scale = quantize_per_channel_int8(embedding.weight)
+        self.register_buffer("weight_int8", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self._register_state_dict_hook(refuse_to_save)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, self.weight_int8).to(self.dtype) * self.scale[ids].unsqueeze(-1)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+@functools.cache
+def _int4pack_runs() -> str | None:
+    """Why PyTorch's packed int4 CPU kernel cannot run here, or None when it can (checked on a small layer)."""
+    try:
+        q = torch.randint(0, 16, (32, 128), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+        scales_zeros = torch.ones(1, 32, 2, dtype=torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(2, 128, dtype=torch.bfloat16), packed, 128, scales_zeros)
+    except Exception as e:  # missing op, unsupported CPU
+        return kernels.error_summary(e)
+    expected = (q.float() - 8).sum(dim=1) + 128  # (q - 8) * 1 + 1 summed over 128 ones
+    return None if torch.allclose(y[0].float(), expected, rtol=1e-2) else "wrong results"
+
+
+def int4_backend(device: torch.device) -> str:
+    """``int4pack`` (PyTorch's packed CPU kernel) where it runs, else ``dequant``; ``CODEGEN_LM_INT4_KERNEL`` forces one."""
+    forced = os.environ.get(INT4_FORCE_ENV)
+    if forced:
+        if forced not in ("int4pack", "dequant"):
+            raise ValueError(f"{INT4_FORCE_ENV}={forced} is not an int4 kernel; use int4pack or dequant, or unset it")
+        if forced == "int4pack" and (device.type != "cpu" or _int4pack_runs()):
+            raise ValueError(f"{INT4_FORCE_ENV}=int4pack: that kernel does not run here; use dequant, or unset it")
+        return forced
+    if device.type != "cpu":
+        return "dequant"
+    if (reason := _int4pack_runs()) is not None:
+        _warn_int4_fallback(reason)
+        return "dequant"
+    return "int4pack"
+
+
+@functools.cache
+def _warn_int4_fallback(reason: str) -> None:
+    log.warning("int4: PyTorch's packed int4 CPU kernel does not run here (%s); using the portable path "
+                "(dequantize, then an fp32 matmul), which is slower", reason)
 
 
 class Int4Linear(nn.Module):
@@ -207,7 +216,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         device = linear.weight.device
-        self.backend = backend or ("int4pack" if device.type == "cpu" else "dequant")
+        self.backend = backend or int4_backend(device)
         self.opaque_to_compile = self.backend != "dequant"
         q, scale, zero = quantize_groupwise_int4(linear.weight, group_size)
         bias = linear.bias.detach().float() if linear.bias is not None else None
@@ -291,7 +300,7 @@ def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False) 
     if quantize == "int4" and not head and (group_size := int4_group_size(linear)):
         return Int4Linear(linear, group_size)
     if quantize:
-        return Int8Linear(linear)
+        return Int8Linear(linear, head=head)
     weight = linear.weight
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return OneDNNLinear(linear)
@@ -303,6 +312,27 @@ def prepare_block(block: nn.Module, quantize: str | None) -> None:
     block.fuse_projections(lambda linear: prepare_linear(linear, quantize))
 
 
+def prepare_embedding(body: nn.Module, quantize: str | None) -> None:
+    """Quantized models keep the token embedding in int8 (in place; a tied LM head must be converted first)."""
+    if quantize and isinstance(body.wte, nn.Embedding):
+        body.wte = Int8Embedding(body.wte)
+
+
+def kernel_choices(model: nn.Module) -> dict[str, str]:
+    """What runs each kind of linear layer, by precision and shape (out x in): ``{"int8 7168x1024": "fbgemm"}``;
+    shown by ``codegen-lm complete --json`` and the benchmarks."""
+    choices = {}
+    for m in model.modules():
+        shape = f"{getattr(m, 'out_features', 0)}x{getattr(m, 'in_features', 0)}"
+        if isinstance(m, Int8Linear):
+            choices[f"int8 {shape}"] = m.plan.describe()
+        elif isinstance(m, Int4Linear):
+            choices[f"int4 {shape}"] = m.backend
+        elif isinstance(m, OneDNNLinear):
+            choices[f"fp32 {shape}"] = "onednn " + ("blocked" if m.packed else "row-major")
+    return choices
+
+
 def check_quantize(quantize: str | None) -> None:
     if quantize is not None and quantize not in MODES:
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(MODES)}")
@@ -310,8 +340,8 @@ def check_quantize(quantize: str | None) -> None:
 
 def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
     """Convert a ``CodeGenForCausalLM`` or ``CodeGenModel`` in place for inference only: fused projections,
-    then int8/int4 weights when ``quantize`` says so, else fp32 weights through oneDNN on CPU. Embeddings
-    and layer norms keep their precision. The model can no longer be trained or saved. Returns the model.
+    then int8/int4 weights when ``quantize`` says so (the token embedding and LM head in int8), else fp32 weights
+    through oneDNN on CPU. Layer norms keep their precision. The model can no longer be trained or saved. Returns the model.
     (``load_model(..., inference=True)`` does this block by block while reading the checkpoint.)"""
     check_quantize(quantize)
     body = getattr(model, "transformer", model)
@@ -323,6 +353,7 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
             prepare_block(block, quantize)
         if isinstance(getattr(model, "lm_head", None), nn.Linear):
             model.lm_head = prepare_linear(model.lm_head, quantize, head=True)
+        prepare_embedding(body, quantize)
     own_memory(model)
     model.quantization = quantize
     return model

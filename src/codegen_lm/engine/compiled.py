@@ -18,8 +18,8 @@ def compiled_decode_step(model: CodeGenForCausalLM) -> Callable[..., torch.Tenso
     On CPU the gain is the Python and dispatch work between kernels (on the 350M shape 12 % of an fp32 step and 25 %
     of an int8 one, docs/benchmarks.md): the graph is frozen (weights become constants, so inductor keeps oneDNN's
     matmul on them) and its wrapper is C++; shapes stay live and turn symbolic at the first recompile, since a CPU
-    compile costs a minute or more. fbgemm's int8 GEMMs are reached through a custom op
-    (``quantize.fbgemm_linear``); packed int4 layers cannot be traced and are refused."""
+    compile costs a minute or more. The int8 kernels (whichever the chooser picked) are reached through a custom op
+    (``quantize.int8_gemm``); packed int4 layers cannot be traced and are refused."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
         opaque = sorted({type(m).__name__ for m in model.modules() if getattr(m, "opaque_to_compile", False)})
@@ -51,5 +51,6 @@ def static_decode_shapes(device: torch.device) -> bool:
 
 
 def idle_caches(model: CodeGenForCausalLM) -> list[KVCache]:
-    """Caches that compiled decode steps of ``model`` were made for, and that no scheduler is using."""
+    """The KV cache a finished scheduler of ``model`` left for the next one (at most one): allocating and zeroing a
+    new one for every request costs more than a short prefill, and CUDA graphs are bound to a cache's address."""
     return model.__dict__.setdefault("_idle_caches", [])

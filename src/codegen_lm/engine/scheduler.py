@@ -265,8 +265,8 @@ class Scheduler:
         self._free_finished()
         for request_id in [r.id for r in self.requests.values() if r.waiting == 0 and not self._has_rows(r.id)]:
             del self.requests[request_id]
-        if self.compile and self.cache is not None and not self.has_unfinished():  # the next scheduler takes it over
-            idle_caches(self.model).append(self.cache)
+        if self.cache is not None and not self.has_unfinished():  # the next scheduler takes it over
+            idle_caches(self.model)[:] = [self.cache]
             self.cache = None
         self.stats.steps += 1
         return outputs
@@ -549,6 +549,9 @@ class Scheduler:
             if seq.finish_reason is not None:
                 if seq.finish_reason != "error":
                     self._keep(row)
+                else:  # its keys may be NaN: masked slots are still multiplied by 0 in attention, and 0 x NaN is NaN
+                    self.cache.k[:, row].zero_()
+                    self.cache.v[:, row].zero_()
                 self._free_row(row)
 
     def _keep(self, row: int) -> None:
@@ -572,13 +575,13 @@ class Scheduler:
         n_positions, so a batch-1 request holds only what it needs and growing stays rare."""
         limit = self.config.n_positions
         length = min(length, limit)
-        if self.cache is None and self.compile and idle_caches(self.model):
-            self.cache = idle_caches(self.model).pop()  # graphs are bound to a cache's address (CUDA) or shape
+        if self.cache is None and idle_caches(self.model):
+            self.cache = idle_caches(self.model).pop()
         cache = self.cache
         if cache is not None and cache.batch_size >= rows and cache.max_len >= length:
             return
         old_rows, old_len = (cache.batch_size, cache.max_len) if cache is not None else (0, 0)
-        new_rows = min(self.max_batch, max(rows, 2 * old_rows))
+        new_rows = max(old_rows, min(self.max_batch, max(rows, 2 * old_rows)))  # (a cache handed over may be larger)
         new_len = old_len if length <= old_len else min(limit, max(length, 2 * old_len))
         grown = KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device)
         # CUDA graphs write into the cache in place: its address is part of each graph (not so on CPU, where a static
