@@ -230,3 +230,17 @@ def test_cli_complete_reports_acceptance(tiny_checkpoint):
     assert out["token_ids"] == plain.token_ids
     assert out["proposed_tokens"] >= out["accepted_tokens"] >= 0 and out["forward_passes"] <= len(plain.token_ids)
     assert out["tokens_per_forward_pass"] == round(len(plain.token_ids) / out["forward_passes"], 3)
+
+
+def test_with_the_prefix_cache_and_chunked_prefill_nothing_changes(target):
+    """Speculation, reuse and chunking together: rejected proposals leave no trace in the prefix cache (a later request
+    that reuses a speculating one's tokens gets what it would get computed cold)."""
+    cold = Generator(target, None, prefix_cache_mb=0, prefill_chunk=1000)
+    warm = Generator(target, None, prefill_chunk=7, speculative=SpeculativeConfig("draft", K, draft_model="random"),
+                     draft=build_model(vocab_size=1000, n_positions=256, n_layer=1, n_embd=32, seed=9))
+    first = run(warm, [REPEATS], max_new_tokens=30)[0]
+    assert first.proposed_tokens > first.accepted_tokens  # proposals were rejected
+    follow = REPEATS + first.token_ids[:20] + [1, 2]
+    got, expected = run(warm, [follow, REPEATS[:40]], max_new_tokens=30), run(cold, [follow, REPEATS[:40]], max_new_tokens=30)
+    assert got[0].cached_tokens >= len(REPEATS) + 19  # the first request's prompt and its kept tokens
+    assert_same(got, expected)
