@@ -38,8 +38,8 @@ from ..hub import atomic_write_text
 from .data import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS, BlockOrder, DataSpec, PackedBlocks, prepare
 
 LORA_TARGETS = ("qkv_proj", "out_proj", "fc_in", "fc_out")
-# Settings that may change when resuming: they do not affect what is computed.
-RESUMABLE_CHANGES = {"resume", "progress", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval", "cache_dir", "device"}
+# Settings that may change when resuming: they do not affect what is computed (out: a run folder may be moved).
+RESUMABLE_CHANGES = {"out", "resume", "progress", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval", "cache_dir", "device"}
 
 
 @dataclass
@@ -396,7 +396,7 @@ def check_out_dir(cfg: TrainConfig, data_key: str | None) -> dict[str, Any]:
         saved = json.loads(run_file.read_text(encoding="utf-8"))
         if data_key is not None and saved["data"] != data_key:
             raise ValueError(f"the data changed since the run in {out} started (different tokens); resume needs the same data")
-        changed = sorted(k for k in set(saved["settings"]) | set(settings["settings"])
+        changed = sorted(k for k in (set(saved["settings"]) | set(settings["settings"])) - RESUMABLE_CHANGES
                          if saved["settings"].get(k) != settings["settings"].get(k))
         if changed:
             diffs = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings['settings'].get(k)!r}" for k in changed)
