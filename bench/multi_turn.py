@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=3, help="MTPB problems of at least 5 turns")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per turn (default: the problem's max_gen_length; random weights always use all)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
     import torch
@@ -85,6 +87,8 @@ def main() -> None:
     print(f"cpu: {cpu_summary()}; torch {torch.__version__}, {args.threads} threads; load average "
           f"{os.getloadavg()[0]:.1f}")
     problems = [p for p in mtpb.load_problems(None) if len(p["prompts"]) >= 5][: args.problems]
+    if args.max_new_tokens:
+        problems = [{**p, "max_gen_length": args.max_new_tokens} for p in problems]
     model = checkpoint(args.workdir, "350M")
     firsts: list[float] = []
     generators = {cache: timed_generator(model, None if cache else 0, firsts) for cache in (True, False)}

@@ -8,7 +8,7 @@ library with some modules held out (bench/speculate_models.py trains them into b
 Tasks (prompts from the held-out modules, bench/speculate_models.py HELD_OUT; at most 512 positions, the models'):
 
   complete  --per-file cursor points at line starts in each held-out file; the prompt is the file up to the cursor,
-            its last --prompt-tokens tokens; 128 new tokens (EOS ends a completion)
+            its last --prompt-tokens tokens; 128 new tokens (EOS ends a completion; fewer if the positions run out)
   edit      a function of a held-out file (6-40 lines, at most 200 tokens), then the same function with a small
             change: renamed, and its first parameter renamed; the prompt ends with the changed signature and the
             model writes the body, which is close to the one above it (the body's length in tokens, + 16)
@@ -46,6 +46,7 @@ from codegen_lm.engine import Generator, SamplingParams, SpeculativeConfig  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 512  # the trained models' n_positions
+LOOKAHEAD = 16  # positions left free past the last new token: a verify step (ours, transformers') reads up to K beyond it
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------
@@ -61,7 +62,8 @@ def completion_prompts(tokenizer, per_file: int, prompt_tokens: int, seed: int =
         candidates = [i for i in range(len(lines) // 2, len(lines) - 10) if lines[i].startswith("    ") and lines[i].strip()]
         for i in sorted(rng.sample(candidates, per_file)):
             text = "".join(lines[:i]) + lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-            prompts.append((tokenizer.encode(text)[-prompt_tokens:], 128))
+            prompt = tokenizer.encode(text)[-prompt_tokens:]
+            prompts.append((prompt, min(128, POSITIONS - LOOKAHEAD - len(prompt))))
     return prompts
 
 
@@ -98,7 +100,7 @@ def edit_prompts(tokenizer, count: int, seed: int = 0) -> list[tuple[list[int], 
             indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
             prompt = tokenizer.encode(dedent(function, indent) + "\n" + dedent(changed(source, node), indent))
             new = len(tokenizer.encode(dedent(body, indent))) + 16
-            if len(tokenizer.encode(function)) <= 200 and len(prompt) + new <= POSITIONS:
+            if len(tokenizer.encode(function)) <= 200 and len(prompt) + new + LOOKAHEAD <= POSITIONS:
                 found.append((prompt, new))
     return rng.sample(found, min(count, len(found)))
 
@@ -205,7 +207,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--per-file", type=int, default=2, help="complete: cursor points per held-out file")
-    parser.add_argument("--prompt-tokens", type=int, default=384, help="complete: prompt length")
+    parser.add_argument("--prompt-tokens", type=int, default=368, help="complete: prompt length")
     parser.add_argument("--edits", type=int, default=16, help="edit: functions")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "speculate-trained.json")
     parser.add_argument("--traces", type=Path, default=ROOT / "bench" / "out" / "speculate" / "traces.json",
