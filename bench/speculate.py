@@ -363,7 +363,7 @@ def loop_variants(model, small, precision: str, args, traces) -> tuple[dict[str,
             p = random_tokens(rng, LOOP_PROMPT)
             t = run(scheduler_for(model), {"0": p}, SamplingParams(max_new_tokens=trace["tokens"], ignore_eos=True))[1]["0"].token_ids
             variants[f"replay k={trace_k} #{i}"] = ours(with_speculator(Replay, trace_k, {"0": t}, {"0": trace["steps"]}), p, t)
-            variants[f"none #{i}"] = ours(lambda: scheduler_for(model), p, t)
+            variants[f"none, replayed #{i}"] = ours(lambda: scheduler_for(model), p, t)
     for kk in args.sweep_k:
         for alpha in args.alphas:
             variants[f"oracle a={alpha:g} k={kk}"] = ours(with_speculator(Oracle, kk, {"0": truth}, alpha))
@@ -425,7 +425,7 @@ def print_loop(precision: str, results: dict[str, dict], info: dict) -> None:
         print("| " + " | ".join(cells) + " |")
     replay = next((r for n, r in results.items() if n.startswith("replay")), None)
     if replay is not None:
-        own = next(r for n, r in results.items() if n.startswith("none ("))
+        own = next(r for n, r in results.items() if n.startswith("none, replayed"))
         print(f"replay (simulated): {info['replayed']} of the {info['recorded']} recorded n-gram completions "
               f"(k={info['replay_k']}), acceptance {info['acceptance_replayed']:.0%} (all recorded: "
               f"{info['acceptance_all']:.0%}); {replay['tok_s'] / own['tok_s']:.2f}× the same completions without "
@@ -511,7 +511,7 @@ def plot(report: dict, path: Path) -> None:
                 if name.startswith("ctranslate2"):
                     ax.axhline(r["tok_s"] / base, color="black", linestyle=":", label=name)
                 if name.startswith("replay"):
-                    own = next(x["tok_s"] for n, x in loop.items() if n.startswith("none ("))
+                    own = next(x["tok_s"] for n, x in loop.items() if n.startswith("none, replayed"))
                     rate = data["loop_info"]["acceptance_replayed"]
                     ax.scatter([rate], [r["tok_s"] / own], marker="*", s=160, color="red", zorder=5,
                                label="the trained model's n-gram runs replayed (simulated)")
