@@ -14,7 +14,8 @@ into each pause (an editor's debounce) it sends a request. Two client styles:
 For each shape and precision one server runs per cache setting (`codegen-lm serve` on a random-weight checkpoint,
 2 threads); settings, user counts and styles are interleaved over --repeats rounds and the figures are medians.
 Reported: time to first token of follow-up requests (each user's first request excluded; a request dropped before
-its first token counts as its time until then, a lower bound, and the share of those is shown), inter-token latency
+its first token counts as its time until then, a lower bound, and the share of those is shown; a completion that
+ends without text, an empty suggestion, is left out and its share shown as well), inter-token latency
 of all streams, prompt tokens reused and computed (from /metrics), the server's peak RSS, and the plain decode step
 at the same batch (that many streams of short prompts, nothing else arriving) as the reference for latency.
 
@@ -231,7 +232,8 @@ def replay(server: ServerProcess, typists: list[Typist], style: str) -> dict:
     follow_ups = [r for r in records if r.index > 0]
     ttfts = [r.first if r.first is not None else r.dropped for r in follow_ups if r.first is not None or r.dropped]
     return {"ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
-            "dropped_first": sum(r.first is None for r in follow_ups) / max(len(follow_ups), 1),
+            "dropped_first": sum(r.first is None and r.dropped is not None for r in follow_ups) / max(len(follow_ups), 1),
+            "empty": sum(r.first is None and r.done for r in follow_ups) / max(len(follow_ups), 1),
             "itl_p50": percentile([g for r in records for g in r.gaps], 50),
             "itl_p95": percentile([g for r in records for g in r.gaps], 95),
             "reused": after["codegen_prompt_tokens_cached_total"] - before["codegen_prompt_tokens_cached_total"],
@@ -280,11 +282,11 @@ def main() -> None:
                 row.update(shape=shape, precision=precision, users=k, style=style, cache=cache,
                            ttfts=[t for r in rs for t in r["ttfts"]], gaps=[g for r in rs for g in r["gaps"]])
                 results.append(row)
-    print(f"\n{'shape':6} {'prec':5} {'users':>5} {'style':6} {'cache':5} {'ttft p50':>9} {'ttft p95':>9} {'dropped':>8} "
+    print(f"\n{'shape':6} {'prec':5} {'users':>5} {'style':6} {'cache':5} {'ttft p50':>9} {'ttft p95':>9} {'dropped':>8} {'empty':>6} "
           f"{'itl p50':>8} {'itl p95':>8} {'/plain':>7} {'reused':>8} {'computed':>9} {'peak RSS':>9}")
     for r in results:
         print(f"{r['shape']:6} {r['precision']:5} {r['users']:5d} {r['style']:6} {'on' if r['cache'] else 'off':5} "
-              f"{r['ttft_p50']:9.3f} {r['ttft_p95']:9.3f} {r['dropped_first']:8.0%} {r['itl_p50']:8.3f} "
+              f"{r['ttft_p50']:9.3f} {r['ttft_p95']:9.3f} {r['dropped_first']:8.0%} {r['empty']:6.0%} {r['itl_p50']:8.3f} "
               f"{r['itl_p95']:8.3f} {r['itl_p95'] / r['plain_step']:7.1f} {r['reused']:8.0f} {r['computed']:9.0f} "
               f"{r['peak_rss_mb']:7.0f}MB")
     for r in results:
