@@ -24,24 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def timed_generator(checkpoint: Path, prefix_cache_mb: float | None, firsts: list[float]):
     """A generator whose schedulers note the time from their creation to their first generated token."""
-    from codegen_lm.engine import Generator, Scheduler
-
-    class TimedScheduler(Scheduler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.created, self.first = time.perf_counter(), None
-
-        def step(self):
-            outputs = super().step()
-            if self.first is None and any(o.token_ids for o in outputs):
-                self.first = time.perf_counter()
-                firsts.append(self.first - self.created)
-            return outputs
+    from codegen_lm.engine import Generator
 
     class TimedGenerator(Generator):
         def scheduler(self):
-            return TimedScheduler(self.model, self.tokenizer, self.max_batch, prefix_cache=self.prefix_cache,
-                                  prefill_chunk=self.prefill_chunk)
+            scheduler, created = super().scheduler(), time.perf_counter()
+            step, timed = scheduler.step, False
+
+            def timed_step():
+                nonlocal timed
+                outputs = step()
+                if not timed and any(o.token_ids for o in outputs):
+                    timed = True
+                    firsts.append(time.perf_counter() - created)
+                return outputs
+
+            scheduler.step = timed_step
+            return scheduler
 
     return TimedGenerator.from_pretrained(str(checkpoint), prefix_cache_mb=prefix_cache_mb)
 
