@@ -93,13 +93,28 @@ def test_aligned_path_equals_masked_path(model):
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
 
 
-def test_cache_copy_rows_and_read():
+def test_cache_zeroes_unwritten_slots_before_reads_and_copies_what_rows_hold():
     config = build_model().config
-    cache = KVCache(config, 4, 8, torch.float32, "cpu")
-    cache.k[:, 1, :5] = 1.0
+    cache = KVCache(config, 4, 128, torch.float32, "cpu")
+    cache.k.fill_(float("nan"))  # what the memory may hold: the cache is allocated empty
+    cache.v.fill_(float("nan"))
+    ones = torch.ones(config.n_layer, 5, config.n_head, config.head_dim)
+    cache.put(1, ones, ones)
     cache.copy_rows(1, slice(2, 4), 3)
-    assert cache.k[:, 2:4, :3].eq(1).all() and cache.k[:, 2:4, 3:].eq(0).all()
-    keys, _ = cache.read(0, 1, 2, 6)
+    assert cache.k[:, 2:4, :3].eq(1).all() and cache.clean == [0, 5, 3, 3]
+    cache.ready(0, 4, 6)  # a step reading 6 slots of every row
+    assert not cache.k[:, :, :6].isnan().any() and not cache.v[:, :, :6].isnan().any()
+    assert cache.k[:, 1, :5].eq(1).all() and cache.k[:, 2:4, 3:6].eq(0).all() and cache.k[:, 0, :6].eq(0).all()
+    assert cache.clean == [KVCache.ZERO_AHEAD] * 4 and cache.k[:, :, 64:].isnan().all()  # zeroed a little ahead only
+    cache.k[:, 3, :2] = float("nan")  # a failed sequence's keys
+    cache.forget(3)
+    cache.ready(3, 1, 2)
+    assert cache.k[:, 3, :2].eq(0).all()
+    cache.holds[2] = [7, 8, 9]
+    grown = cache.resized(6, 128)
+    assert grown.clean == cache.clean + [0, 0] and grown.holds == {2: [7, 8, 9]}
+    assert torch.equal(grown.k[:, :4, :2], cache.k[:, :, :2])
+    keys, _ = grown.read(0, 1, 2, 6)
     assert keys.shape == (2, config.n_head, 6, config.head_dim)
 
 
@@ -330,7 +345,7 @@ def test_warm_up_compiles_every_graph_that_later_batches_need():
 
     model = prepare_for_inference(build_model(seed=5))
     with fresh_compiles(model):
-        assert Generator(model, None, max_batch=4, compile=True).warm_up() >= 4
+        assert Generator(model, None, max_batch=4, compile=True).warm_up() >= 3
         compiled_before = counters["stats"]["unique_graphs"]
         run_mixed_requests_joining_leaving_and_aborted(model, max_batch=4, compile=True)
         long_prompt, params = list(range(60)), SamplingParams(max_new_tokens=30, ignore_eos=True)
@@ -345,7 +360,23 @@ def test_compile_refuses_int4_weights_packed_for_the_cpu():
         Generator(model, None, compile=True)
 
 
-def test_batch_one_holds_one_cache_row(model):
+def test_cpu_cache_spans_every_row_but_a_request_touches_only_its_own(monkeypatch):
+    """On CPU the first cache has every row and position, so it never grows (a copy of all it holds) in the middle
+    of a request; its pages take memory only once written, and a batch-1 request writes and zeroes only the first
+    slots of its row. Where the whole cache would take more than half the memory, it holds what the batch needs."""
+    import psutil
+
+    model = build_model(n_layer=4, n_embd=256, n_head=8, n_positions=2048)  # a whole cache of 16 rows: 512 MiB
+    resident = psutil.Process().memory_info().rss
+    scheduler = Scheduler(model, None, max_batch=16)
+    scheduler.add_request([1, 2, 3], SamplingParams(max_new_tokens=5))
+    scheduler.step()
+    cache = scheduler.cache
+    assert (cache.batch_size, cache.max_len) == (16, 2048)
+    assert cache.clean == [KVCache.ZERO_AHEAD] + [0] * 15
+    whole = cache.k.nbytes + cache.v.nbytes
+    assert psutil.Process().memory_info().rss - resident < whole / 8
+    monkeypatch.setattr("codegen_lm.engine.scheduler.device_memory", lambda device: whole)
     scheduler = Scheduler(model, None, max_batch=16)
     scheduler.add_request([1, 2, 3], SamplingParams(max_new_tokens=5))
     scheduler.step()

@@ -193,6 +193,76 @@ def test_a_hit_from_an_aborted_decode(model, reference):
     assert_same(got, reference(prompt))
 
 
+@pytest.fixture
+def copies(monkeypatch):
+    """How many slots of keys and values each copy into a cache row moved (from another row or from the tree)."""
+    moved: list[int] = []
+    copy_rows, load = KVCache.copy_rows, PrefixCache.load
+
+    def copying_rows(self, src, dst, length, start=0):
+        moved.append(length - start)
+        copy_rows(self, src, dst, length, start)
+
+    def loading(self, slots, cache, row, start=0):
+        moved.append(len(slots))
+        load(self, slots, cache, row, start)
+
+    monkeypatch.setattr(KVCache, "copy_rows", copying_rows)
+    monkeypatch.setattr(PrefixCache, "load", loading)
+    return moved
+
+
+def test_a_follow_up_lands_in_its_predecessors_row_and_copies_nothing(model, reference, copies):
+    """An editor drops its request when the person types on and sends the file again: the new request takes the
+    row the old one left and keeps what it holds, without a copy (the tree holds it too)."""
+    scheduler = Generator(model, None).scheduler()
+    dropped = scheduler.add_request(PROMPT, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    for _ in range(5):
+        scheduler.step()
+    scheduler.abort(dropped)
+    edited = PROMPT[:-2] + [7, 8, 9]
+    follow_up = scheduler.add_request(edited, SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True))
+    outputs = [o for _ in range(40) for o in scheduler.step()]
+    (got,) = [o.completion for o in outputs if o.request_id == follow_up and o.completion]
+    assert got.cached_tokens == len(PROMPT) - 2 and not any(copies)
+    assert_same(got, reference(edited))
+
+
+def test_a_freed_row_is_refilled_copying_only_what_differs(model, reference, copies):
+    """A row freed under running rows takes the last one, which copies only the slots where the two differ; the
+    row left free remembers what it holds for the next request."""
+    scheduler = Generator(model, None, prefill_chunk=1000).scheduler()
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True)
+    first = scheduler.add_request(PROMPT, params)
+    scheduler.step()
+    second = scheduler.add_request(PROMPT[:100] + [3, 4], params)
+    scheduler.step()
+    copies.clear()
+    scheduler.abort(first)  # row 0 goes; the second moves into it
+    assert len(scheduler.running) == 1 and copies == [2]  # its last two prompt tokens (its first sample not yet fed)
+    assert scheduler.cache.holds == {1: PROMPT[:100] + [3, 4]}
+    outputs = [o for _ in range(40) for o in scheduler.step()]
+    (got,) = [o.completion for o in outputs if o.request_id == second and o.completion]
+    assert_same(got, reference(PROMPT[:100] + [3, 4]))
+
+
+def test_nothing_an_empty_cache_held_reaches_the_outputs(model, reference):
+    """Caches are allocated empty: unwritten slots that a shorter row reads (masked) are zeroed first, or the NaN
+    the memory may hold would spread through attention (0 x NaN)."""
+    from codegen_lm.engine.compiled import idle_caches
+
+    dirty = KVCache(model.config, 4, model.config.n_positions, model.dtype, model.device)
+    dirty.k.fill_(float("nan"))
+    dirty.v.fill_(float("nan"))
+    idle_caches(model)[:] = [dirty]
+    prompts = [PROMPT[:30], PROMPT, PROMPT[:70]]
+    got = Generator(model, None, prefill_chunk=1000).complete(
+        prompts, SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True))
+    assert idle_caches(model) == [dirty]  # (the steps above ran in it)
+    for prompt, (completion,) in zip(prompts, got):
+        assert_same(completion, reference(prompt))
+
+
 def test_a_tiny_budget_evicts_without_changing_outputs(model, reference):
     per_token = kv_bytes_per_token(model.config, torch.float32)
     generator = Generator(model, None, prefix_cache_mb=40 * per_token / 2**20, prefill_chunk=8)

@@ -107,17 +107,29 @@ class KVCache:
     Each row is one sequence; a token at position p is stored in slot p, so a row needs no padding and rows
     may hold sequences of different lengths. A step writes its new keys with one ``index_copy_`` per layer
     into the flattened ``[batch * max_len]`` slots: nothing is allocated or concatenated per step.
+
+    The tensors are allocated empty: a row's slots are zeroed (``ready``) only when a step first reads them unwritten,
+    so slots nobody reads cost no time, and on CPU no memory (their pages are never touched). They must be zeroed
+    before they are read: a shorter row in a segment reads slots past its end, masked, but attention still multiplies
+    them by 0, and 0 × NaN (whatever the memory held) is NaN. ``holds`` is the scheduler's note of what free rows
+    still hold, so that a request landing in one copies only what differs; it is good for the requests of the prefix
+    cache ``holds_of`` (of one generator, whose model's weights stay as they are).
     """
+
+    ZERO_AHEAD = 64  # slots zeroed past a read's end, so that decode steps seldom zero anything
 
     def __init__(self, config: CodeGenConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         if max_len > config.n_positions:
             raise ValueError(f"cache length {max_len} exceeds the model's {config.n_positions} positions")
+        self.config = config
         shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
-        # Zeros, not empty: a shorter row reads unused slots (masked out, but 0 × NaN would still be NaN).
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         flat = (config.n_layer, batch_size * max_len, config.n_head, config.head_dim)
         self._k_slots, self._v_slots = self.k.view(flat).unbind(0), self.v.view(flat).unbind(0)
+        self.clean = [0] * batch_size  # row r's slots < clean[r] hold finite values (written or zeroed)
+        self.holds: dict[int, list[int]] = {}  # free row -> the tokens whose keys and values it still holds
+        self.holds_of: object | None = None
 
     @property
     def batch_size(self) -> int:
@@ -126,6 +138,20 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def ready(self, first_row: int, num_rows: int, kv_len: int) -> None:
+        """Make the slots ``< kv_len`` of ``num_rows`` rows from ``first_row`` safe to read (see the class)."""
+        end = min(self.max_len, -(-kv_len // self.ZERO_AHEAD) * self.ZERO_AHEAD)
+        for row in range(first_row, first_row + num_rows):
+            if self.clean[row] < kv_len:
+                self.k[:, row, self.clean[row] : end].zero_()
+                self.v[:, row, self.clean[row] : end].zero_()
+                self.clean[row] = end
+
+    def forget(self, row: int) -> None:
+        """Row ``row``'s keys may be NaN (a failed sequence): zero them again before they are read."""
+        self.clean[row] = 0
+        self.holds.pop(row, None)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ``[T, n_head, head_dim]`` (views are fine) at flat ``slots`` ``[T]`` (row * max_len + position)."""
@@ -145,10 +171,27 @@ class KVCache:
         rows = slice(first_row, first_row + num_rows)
         return self.k[layer, rows, :kv_len].transpose(1, 2), self.v[layer, rows, :kv_len].transpose(1, 2)
 
-    def copy_rows(self, src: int, dst: slice, length: int) -> None:
-        """Copy the first ``length`` slots of row ``src`` into rows ``dst`` (shared prefixes, moved rows)."""
-        self.k[:, dst, :length] = self.k[:, src : src + 1, :length]
-        self.v[:, dst, :length] = self.v[:, src : src + 1, :length]
+    def put(self, row: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Store keys and values ``[n_layer, n, n_head, head_dim]`` in slots ``[start, start + n)`` of row ``row``."""
+        end = start + k.shape[1]
+        self.k[:, row, start:end], self.v[:, row, start:end] = k, v
+        self.clean[row] = max(self.clean[row], end)
+
+    def copy_rows(self, src: int, dst: slice, length: int, start: int = 0) -> None:
+        """Copy slots ``[start, length)`` of row ``src`` into rows ``dst`` (shared prefixes, moved rows; the slots
+        before ``start`` already hold the same)."""
+        self.k[:, dst, start:length] = self.k[:, src : src + 1, start:length]
+        self.v[:, dst, start:length] = self.v[:, src : src + 1, start:length]
+        for row in range(*dst.indices(self.batch_size)):
+            self.clean[row] = max(self.clean[row], length)
+
+    def resized(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache of ``batch_size`` rows of ``max_len`` slots (no fewer than this one's) holding what this one holds."""
+        grown = KVCache(self.config, batch_size, max_len, self.k.dtype, self.k.device)
+        for row, clean in enumerate(self.clean):
+            grown.put(row, self.k[:, row, :clean], self.v[:, row, :clean])
+        grown.holds, grown.holds_of = dict(self.holds), self.holds_of
+        return grown
 
 
 # --- layers -----------------------------------------------------------------------------------------------
@@ -524,6 +567,9 @@ class CodeGenModel(CodeGenPreTrainedModel):
             masks.append(mask)
             start += n
         slots = (row_ids[0] if len(row_ids) == 1 else torch.cat(row_ids)) * cache.max_len + positions
+        if not torch.compiler.is_compiling():  # (a compiled step's caller readies the cache)
+            for segment in segments:
+                cache.ready(segment.first_row, segment.num_rows, segment.kv_len)
         for i, block in enumerate(self.h):
             x = block.forward_packed(x, rotary, segments, masks, cache, i, slots)
         return self.ln_f(x)

@@ -4,7 +4,6 @@ through the schedulers it makes for a server, a chat session or an evaluation) r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence as SequenceT
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 
 from ..model import CodeGenForCausalLM
 from .compiled import compiled_decode_step
-from .prefix_cache import PrefixCache, kv_bytes_per_token
+from .prefix_cache import PrefixCache, device_memory, kv_bytes_per_token
 from .sampling import SamplingParams
 from .speculate import SpeculativeConfig
 from .scheduler import Completion, GenerationError, Scheduler
@@ -25,14 +24,7 @@ def default_prefix_cache_mb(model: CodeGenForCausalLM) -> float:
     the file up to the cursor; a chat session one; so 4 serve 4 people typing at once), but at most a quarter of the
     machine's memory (of the GPU's free memory on CUDA). The 350M model in fp32: 4 × 2048 tokens × 160 KiB = 1280 MiB."""
     wanted = CONTEXTS_CACHED * model.config.n_positions * kv_bytes_per_token(model.config, model.dtype)
-    device = model.device
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # (not a POSIX system)
-            available = wanted * 4
+    available = device_memory(model.device) or wanted * 4
     return min(wanted, available // 4) / 2**20
 
 

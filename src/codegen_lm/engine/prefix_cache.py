@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,17 @@ def common_length(a: list[int], b: list[int]) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory for caches: the GPU's free memory, or the machine's physical memory on CPU (None where the
+    system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (not a POSIX system)
+        return None
 
 
 def kv_bytes_per_token(config: CodeGenConfig, dtype: torch.dtype) -> int:
@@ -99,13 +111,11 @@ class PrefixCache:
             node = child
         return matched, torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
 
-    def load(self, slots: torch.Tensor, cache: KVCache, row: int) -> None:
-        """Copy the keys and values at ``slots`` into the first ``len(slots)`` positions of ``cache``'s row ``row``."""
-        n = len(slots)
-        if n:
+    def load(self, slots: torch.Tensor, cache: KVCache, row: int, start: int = 0) -> None:
+        """Copy the keys and values at ``slots`` into ``cache``'s row ``row``, from slot ``start`` on."""
+        if len(slots):
             index = slots.to(self.device)
-            cache.k[:, row, :n] = self.k[:, index]
-            cache.v[:, row, :n] = self.v[:, index]
+            cache.put(row, self.k[:, index], self.v[:, index], start)
 
     # -- adding --------------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import torch
 from ..model import CodeGenForCausalLM, KVCache, Segment
 from ..tokenizer import CODEGEN_TOKENS
 from .compiled import compiled_decode_step, idle_caches, static_decode_shapes
-from .prefix_cache import PrefixCache, common_length
+from .prefix_cache import PrefixCache, common_length, device_memory, kv_bytes_per_token
 from .sampling import SamplingParams, draw_uniforms, sample
 from .speculate import Proposal, SpeculationState, SpeculativeConfig, Speculator
 from .text import TextStream
@@ -313,31 +313,37 @@ class Scheduler:
         return self._append_all(siblings, torch.stack([seq.request.first_logits for seq in siblings]))
 
     def _reuse(self, prompt: list[int], row: int) -> int:
-        """Copy into ``row`` the keys and values of the longest prefix of ``prompt`` computed before (by a running
-        sequence, or kept in the prefix cache); its length. The prompt's last token is always computed (its logits
-        start the sampling)."""
+        """Give ``row`` the keys and values of the longest prefix of ``prompt`` computed before (by a running
+        sequence, kept in the prefix cache, or still in ``row`` from the sequence that left it: an editor's follow-up
+        lands where its predecessor was); its length. Only what the row lacks is copied. The prompt's last token is
+        always computed (its logits start the sampling)."""
+        held = self.cache.holds.pop(row, [])
         if self.prefix_cache is None:
             return 0
         limit = len(prompt) - 1
+        own = common_length(held[:limit], prompt)
         cached, slots = self.prefix_cache.match(prompt[:limit])
         best_row, best = None, cached
         for other_row, other in enumerate(self.running[:row]):
             n = common_length(other.tokens()[: min(other.computed, limit)], prompt)
             if n > best:
                 best_row, best = other_row, n
+        if best <= own:
+            return own
         if best_row is not None:
-            self.cache.copy_rows(best_row, slice(row, row + 1), best)
+            self.cache.copy_rows(best_row, slice(row, row + 1), best, start=own)
         else:
-            self.prefix_cache.load(slots, self.cache, row)
+            self.prefix_cache.load(slots[own:], self.cache, row, start=own)
         return best
 
     def _copy_prompt(self, request: _Request, row: int) -> None:
         length = len(request.prompt_ids)
         leader = request.leader
+        self.cache.holds.pop(row, None)
         if leader is not None and leader in self.running and not leader.prefilling:
             self.cache.copy_rows(self.running.index(leader), slice(row, row + 1), length)
         else:
-            self.cache.k[:, row, :length], self.cache.v[:, row, :length] = request.prefix
+            self.cache.put(row, *request.prefix)
 
     def _plan(self) -> _Plan:
         """A token for every decoding sequence (with speculated ones where the step has room); prompt chunks for
@@ -396,11 +402,15 @@ class Scheduler:
                 # Static shapes: rows padded to a power of two (the padding rows are free rows, their token at slot
                 # 0), keys over the whole cache length.
                 rows = min(1 << (n - 1).bit_length(), self.cache.batch_size)
+                self.cache.ready(0, rows, self.cache.max_len)
+                for row in range(n, rows):  # (their slot 0 is written)
+                    self.cache.holds.pop(row, None)
                 tokens = torch.tensor(plan.ids + [0] * (rows - n), device=device)[:, None]
                 where = torch.tensor(plan.positions + [0] * (rows - n), device=device)[:, None]
                 return self._compiled_step(tokens, where, self.cache, slice(0, rows), self.cache.max_len)[:n]
             # (always masked: one graph serves rows of equal and of different lengths; at one token a row the mask costs
             # nothing next to the weights)
+            self.cache.ready(only.first_row, only.num_rows, only.kv_len)
             return self._compiled_step(torch.tensor(plan.ids, device=device)[:, None],
                                        torch.tensor(plan.positions, device=device)[:, None], self.cache,
                                        slice(only.first_row, only.first_row + only.num_rows), only.kv_len)
@@ -549,9 +559,6 @@ class Scheduler:
             if seq.finish_reason is not None:
                 if seq.finish_reason != "error":
                     self._keep(row)
-                else:  # its keys may be NaN: masked slots are still multiplied by 0 in attention, and 0 x NaN is NaN
-                    self.cache.k[:, row].zero_()
-                    self.cache.v[:, row].zero_()
                 self._free_row(row)
 
     def _keep(self, row: int) -> None:
@@ -561,35 +568,53 @@ class Scheduler:
             self.prefix_cache.insert(seq.tokens()[: seq.computed], self.cache, row)
 
     def _free_row(self, row: int) -> None:
+        """Free ``row``: the last running sequence moves into it (copying only what differs from what ``row`` held);
+        the row left free notes what it still holds."""
+        seq = self.running[row]
         if self.speculator is not None:
-            self.speculator.release(self.running[row])
+            self.speculator.release(seq)
+        held = seq.tokens()[: seq.computed]
+        if seq.finish_reason == "error":  # its keys may be NaN
+            self.cache.forget(row)
+            held = []
         last = len(self.running) - 1
         if row != last:
             moved = self.running[last]
-            self.cache.copy_rows(last, slice(row, row + 1), moved.computed)
-            self.running[row] = moved
+            tokens = moved.tokens()[: moved.computed]
+            self.cache.copy_rows(last, slice(row, row + 1), moved.computed, start=common_length(held, tokens))
+            self.running[row], held = moved, tokens
         self.running.pop()
+        if held:
+            self.cache.holds[last] = held
 
     def _ensure_cache(self, rows: int, length: int) -> None:
-        """Grow the cache so it holds ``rows`` × ``length``: rows double up to max_batch, the length doubles up to
-        n_positions, so a batch-1 request holds only what it needs and growing stays rare."""
+        """Grow the cache so it holds ``rows`` × ``length``. On CPU the first cache has every row and position
+        (memory permitting): its pages take memory only once written, and growing would copy what it holds, in the
+        middle of a request. Elsewhere (GPU memory is taken at once) rows double up to max_batch and the length
+        doubles up to n_positions, so a batch-1 request holds only what it needs and growing stays rare."""
         limit = self.config.n_positions
         length = min(length, limit)
         if self.cache is None and idle_caches(self.model):
             self.cache = idle_caches(self.model).pop()
+            if self.cache.holds_of is not self.prefix_cache:  # another generator's rows: its weights may differ
+                self.cache.holds.clear()
+            self.cache.holds_of = self.prefix_cache
         cache = self.cache
         if cache is not None and cache.batch_size >= rows and cache.max_len >= length:
             return
+        if cache is None and self.model.device.type == "cpu":
+            whole = self.max_batch * limit * kv_bytes_per_token(self.config, self.model.dtype)
+            if whole <= (device_memory(self.model.device) or 0) // 2:
+                rows, length = self.max_batch, limit
         old_rows, old_len = (cache.batch_size, cache.max_len) if cache is not None else (0, 0)
-        new_rows = max(old_rows, min(self.max_batch, max(rows, 2 * old_rows)))  # (a cache handed over may be larger)
+        new_rows = old_rows if rows <= old_rows else min(self.max_batch, max(rows, 2 * old_rows))
         new_len = old_len if length <= old_len else min(limit, max(length, 2 * old_len))
-        grown = KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device)
+        grown = (cache.resized(new_rows, new_len) if cache is not None
+                 else KVCache(self.config, new_rows, new_len, self.model.dtype, self.model.device))
+        grown.holds_of = self.prefix_cache
         # CUDA graphs write into the cache in place: its address is part of each graph (not so on CPU, where a static
         # address would let freezing take the cache for a constant)
         if self._static_shapes:
             torch._dynamo.mark_static_address(grown.k)
             torch._dynamo.mark_static_address(grown.v)
-        if cache is not None:
-            grown.k[:, :old_rows, :old_len] = cache.k
-            grown.v[:, :old_rows, :old_len] = cache.v
         self.cache = grown

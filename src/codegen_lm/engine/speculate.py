@@ -190,12 +190,9 @@ class Speculator:
         new_rows = rows if self.free_rows else max(2, 2 * rows)
         new_length = length if length >= needed else min(max(needed, 2 * length), limit)
         if (new_rows, new_length) != (rows, length):
-            grown = KVCache(self.draft.config, new_rows, new_length, self.draft.dtype, self.draft.device)
-            if old is not None:
-                grown.k[:, :rows, :length] = old.k
-                grown.v[:, :rows, :length] = old.v
+            self.draft_cache = (old.resized(new_rows, new_length) if old is not None
+                                else KVCache(self.draft.config, new_rows, new_length, self.draft.dtype, self.draft.device))
             self.free_rows += range(new_rows - 1, rows - 1, -1)
-            self.draft_cache = grown
         state.draft_row = self.free_rows.pop()
         state.draft_computed = 0
         state.draft_generator = torch.Generator().manual_seed(draft_seed(seq.seed))
