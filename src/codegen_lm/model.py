@@ -177,6 +177,15 @@ class KVCache:
         self.k[:, row, start:end], self.v[:, row, start:end] = k, v
         self.clean[row] = max(self.clean[row], end)
 
+    def gather(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Store slots ``index`` of ``k``, ``v`` ``[n_layer, slots, n_head, head_dim]`` (the prefix cache's pool) in
+        row ``row`` from slot ``start``; layer by layer, with no gathered copy of every layer at once."""
+        end = start + len(index)
+        for layer in range(self.k.shape[0]):
+            torch.index_select(k[layer], 0, index, out=self.k[layer, row, start:end])
+            torch.index_select(v[layer], 0, index, out=self.v[layer, row, start:end])
+        self.clean[row] = max(self.clean[row], end)
+
     def copy_rows(self, src: int, dst: slice, length: int, start: int = 0) -> None:
         """Copy slots ``[start, length)`` of row ``src`` into rows ``dst`` (shared prefixes, moved rows; the slots
         before ``start`` already hold the same)."""

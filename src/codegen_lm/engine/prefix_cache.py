@@ -114,8 +114,7 @@ class PrefixCache:
     def load(self, slots: torch.Tensor, cache: KVCache, row: int, start: int = 0) -> None:
         """Copy the keys and values at ``slots`` into ``cache``'s row ``row``, from slot ``start`` on."""
         if len(slots):
-            index = slots.to(self.device)
-            cache.put(row, self.k[:, index], self.v[:, index], start)
+            cache.gather(row, start, self.k, self.v, slots.to(self.device))
 
     # -- adding --------------------------------------------------------------------------------------------
 
@@ -147,8 +146,9 @@ class PrefixCache:
             self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
         slots = torch.tensor([self.free.pop() for _ in range(count)], dtype=torch.long)
         index = slots.to(self.device)
-        self.k[:, index] = cache.k[:, row, matched : matched + count]
-        self.v[:, index] = cache.v[:, row, matched : matched + count]
+        for layer in range(self.config.n_layer):
+            self.k[layer].index_copy_(0, index, cache.k[layer, row, matched : matched + count])
+            self.v[layer].index_copy_(0, index, cache.v[layer, row, matched : matched + count])
         leaf = _Node(tokens[matched : matched + count], slots, node, {}, now)
         node.children[leaf.tokens[0]] = leaf
         return matched + count

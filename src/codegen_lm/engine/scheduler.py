@@ -179,6 +179,11 @@ class Scheduler:
     def compile(self) -> bool:
         return self._compiled_step is not None
 
+    def fresh(self) -> Scheduler:
+        """A scheduler with this one's settings and nothing in flight (a server starts afresh after a failed step)."""
+        return Scheduler(self.model, self.tokenizer, self.max_batch, self.eos_token_id, self.compile, self.prefix_cache,
+                         self.prefill_chunk, self.speculative, self.draft)
+
     # -- requests --------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:

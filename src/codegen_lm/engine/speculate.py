@@ -17,7 +17,7 @@ proposals use rejection sampling (Leviathan et al. 2023, Chen et al. 2023): the 
 target's. Only kept tokens are ever appended, so streams never take text back and rejected positions leave no
 trace in any cache (a row's keys count only up to its kept tokens).
 
-Speculation adapts: a sequence whose proposals keep failing stops proposing for a while (the pause doubles each
+Speculation adapts: a sequence whose proposals keep failing stops proposing for a while (the pause grows fourfold each
 time it fails again), and a step proposes only while the batch leaves room under ``max_step_tokens``, past which
 a step is bound by compute rather than by reading the weights and extra tokens are no longer nearly free.
 """
@@ -37,7 +37,9 @@ METHODS = ("ngram", "draft", "self-int4", "self-int8")
 # the 350M shape with 2 threads (bench/speculate.py, docs/benchmarks.md); CUDA: not measured here.
 DEFAULT_MAX_STEP_TOKENS = {"cpu": 16, "cuda": 256}
 FAILURES_BEFORE_PAUSE = 2  # verify steps in a row that keep nothing
-FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps without proposals after such failures (doubling)
+# Steps without proposals after such failures: 4, then 4x longer each time they fail again (a proposer that never
+# holds, such as an unrelated draft, then costs under 5 %: bench/speculate.py), back to 4 after any kept token.
+FIRST_PAUSE, PAUSE_GROWTH, LONGEST_PAUSE = 4, 4, 64
 
 
 def draft_seed(seed: int) -> int:
@@ -242,7 +244,7 @@ class Speculator:
             state.failures += 1
             if state.failures >= FAILURES_BEFORE_PAUSE:
                 state.pause, state.failures = state.next_pause, 0
-                state.next_pause = min(2 * state.next_pause, LONGEST_PAUSE)
+                state.next_pause = min(PAUSE_GROWTH * state.next_pause, LONGEST_PAUSE)
         if state.draft_row is not None:  # the draft saw the sequence's tokens, then its own proposals
             state.draft_computed = min(state.draft_computed, seq.length - 1)
 

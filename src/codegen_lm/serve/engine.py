@@ -268,9 +268,7 @@ class Engine:
                 log.exception("generation step failed")
                 for rid in list(self.scheduler.requests):
                     self._post(self._fail, rid, JobError(f"generation failed ({type(e).__name__}: {e})"))
-                old = self.scheduler
-                self.scheduler = Scheduler(old.model, old.tokenizer, old.max_batch, old.eos_token_id, old.compile,
-                                           old.prefix_cache, old.prefill_chunk, old.speculative, old.draft)
+                self.scheduler = self.scheduler.fresh()
                 self._counted = StepCounts(evictions=self._counted.evictions)  # (the new scheduler counts from 0)
                 continue
             self.num_waiting, self.num_running = self.scheduler.num_waiting, self.scheduler.num_running
