@@ -4,7 +4,9 @@ up to the cursor (64 tokens, stop at a blank line), dropping the previous reques
 
 Each simulated user picks a file and a point in it where the text before the cursor is 500-1800 tokens, then types
 the characters that follow in bursts of 2-10 at 5-8 characters a second, pausing 0.4-1.2 s between bursts; 300 ms
-into each pause (an editor's debounce) it sends a request. Two client styles:
+into each pause (an editor's debounce) it sends a request. The first request (the file just opened, its whole
+prompt to compute) is waited for before typing goes on, and left out of the figures: follow-ups are what the cache is
+for. Two client styles:
 
   whole    the whole file up to the cursor, FauxPilot's route (/v1/engines/codegen/completions), as Copilot-style
            clients send it
@@ -15,9 +17,12 @@ For each shape and precision one server runs per cache setting (`codegen-lm serv
 2 threads); settings, user counts and styles are interleaved over --repeats rounds and the figures are medians.
 Reported: time to first token of follow-up requests (each user's first request excluded; a request dropped before
 its first token counts as its time until then, a lower bound, and the share of those is shown; a completion that
-ends without text, an empty suggestion, is left out and its share shown as well), inter-token latency
-of all streams, prompt tokens reused and computed (from /metrics), the server's peak RSS, and the plain decode step
-at the same batch (that many streams of short prompts, nothing else arriving) as the reference for latency.
+ends without text, an empty suggestion, is left out and its share shown as well), inter-token latency of all
+streams, prompt tokens reused and computed (from /metrics), the server's peak RSS, and the plain decode step at the
+same batch as the reference for latency: as many streams as users, each on its user's file up to the cursor (the
+first round's), the median gap while all of them decode and nothing else arrives. And, on an idle server,
+follow-ups at about 1500 tokens that are waited for, not dropped: without the cache their time is the whole
+prompt's, not a lower bound.
 
     python bench/editor_replay.py                                    # small and 350M (fp32, int8), 1 and 4 users
     python bench/editor_replay.py --shapes small --repeats 1 --requests 6
@@ -62,8 +67,8 @@ class Typist:
     bursts: list[tuple[int, float, float]] = field(default_factory=list)  # (characters, seconds typing, pause)
 
 
-def pick_typists(count: int, requests: int, seed: int) -> list[Typist]:
-    """``count`` users, each at a point of a standard-library file with 500-1800 tokens before it."""
+def pick_typists(count: int, requests: int, seed: int, tokens: tuple[int, int] = (500, 1800)) -> list[Typist]:
+    """``count`` users, each at a point of a standard-library file with ``tokens`` (by default 500-1800) before it."""
     from codegen_lm.tokenizer import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(DATA)
@@ -76,7 +81,7 @@ def pick_typists(count: int, requests: int, seed: int) -> list[Typist]:
         lines = text.splitlines(keepends=True)
         line = rng.randrange(len(lines) // 4, len(lines) - 60)
         cursor = sum(map(len, lines[:line])) + len(lines[line]) - len(lines[line].lstrip())  # at an indented line's start
-        if not 500 <= len(tokenizer.encode(text[:cursor])) <= 1800:
+        if not tokens[0] <= len(tokenizer.encode(text[:cursor])) <= tokens[1]:
             continue
         typist = Typist(path, text, cursor)
         for _ in range(requests):
@@ -112,9 +117,9 @@ class Request:
     done: bool = False
 
 
-async def complete(client, url: str, style: str, prompt: str, record: Request) -> None:
+async def complete(client, url: str, style: str, prompt: str, record: Request, stop: bool = True) -> None:
     path = "/v1/engines/codegen/completions" if style == "whole" else "/v1/completions"
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stop": ["\n\n"], "stream": True}
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True} | ({"stop": ["\n\n"]} if stop else {})
     start = time.perf_counter()
     last = None
     try:
@@ -150,6 +155,8 @@ async def type_along(url: str, typist: Typist, user: int, style: str, records: l
             record = Request(user, index, time.perf_counter())
             records.append(record)
             previous = asyncio.ensure_future(complete(client, url, style, prompt_at(typist, cursor, style), record))
+            if index == 0:  # the file was just opened: the person reads its suggestion before typing on
+                await previous
             await asyncio.sleep(max(pause - 0.3, 0))
         try:
             await previous  # the last request is waited for
@@ -157,26 +164,49 @@ async def type_along(url: str, typist: Typist, user: int, style: str, records: l
             pass
 
 
-async def plain_decode(url: str, streams: int) -> list[float]:
-    """Inter-token gaps of ``streams`` concurrent streams with short prompts and nothing else arriving."""
+async def follow_ups_alone(url: str, typist: Typist, count: int = 3) -> list[float]:
+    """Time to first token of ``count`` follow-ups on an otherwise idle server, each waited for to the end: the file up
+    to the cursor (about 1500 tokens), then each time a burst of characters more, through FauxPilot's route. No
+    request is dropped, so the figure without the cache is the whole prompt's prefill, not a lower bound."""
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as client:
-        records = [Request(i, 0, 0.0) for i in range(streams)]
-        body = lambda i: {"prompt": f"def f{i}(x):\n", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        cursor, times = typist.cursor, []
+        for index in range(count + 1):
+            record = Request(0, index, time.perf_counter())
+            await complete(client, url, "whole", prompt_at(typist, cursor, "whole"), record, stop=False)
+            if index:
+                times.append(record.first)
+            cursor += typist.bursts[index][0]
+    return times
 
-        async def one(i: int) -> None:
-            last = None
-            async with client.stream("POST", url + "/v1/completions", json=body(i)) as response:
+
+PLAIN_TOKENS = 200  # long enough that every stream still decodes once the last has its prompt computed
+
+
+async def plain_decode(url: str, typists: list[Typist]) -> list[float]:
+    """Inter-token gaps of the same batch decoding with nothing arriving: one stream per user, its prompt the file up
+    to the user's cursor; only the gaps while every stream decodes (after the last one's prompt is computed, before
+    the first one ends)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        arrivals: list[list[float]] = [[] for _ in typists]
+
+        async def one(typist: Typist, times: list[float]) -> None:
+            body = {"prompt": prompt_at(typist, typist.cursor, "whole"), "max_tokens": PLAIN_TOKENS, "temperature": 0,
+                    "stream": True}
+            async with client.stream("POST", url + "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        now = time.perf_counter()
-                        if last is not None:
-                            records[i].gaps.append(now - last)
-                        last = now
+                    if line.startswith("data: {") and '"choices":[]' not in line:
+                        times.append(time.perf_counter())
 
-        await asyncio.gather(*(one(i) for i in range(streams)))
-    return [g for r in records for g in r.gaps]
+        await asyncio.gather(*(one(t, times) for t, times in zip(typists, arrivals)))
+    all_decoding, first_done = max(times[0] for times in arrivals), min(times[-1] for times in arrivals)
+    gaps = [b - a for times in arrivals for a, b in zip(times, times[1:]) if all_decoding <= a and b <= first_done]
+    if not gaps:
+        raise RuntimeError(f"the {len(typists)} plain streams never decoded together; raise PLAIN_TOKENS")
+    return gaps
 
 
 # -- the server -----------------------------------------------------------------------------------------------
@@ -259,6 +289,8 @@ def main() -> None:
     users = [int(u) for u in args.users.split(",")]
     styles = args.styles.split(",")
     results: list[dict] = []
+    alone: list[dict] = []  # follow-ups at about 1500 tokens on an idle server
+    (probe,) = pick_typists(1, 4, seed=7, tokens=(1400, 1600))
     configs = [(shape, precision) for shape in args.shapes.split(",")
                for precision in (args.precisions.split(",") if shape == "350M" else ["fp32"])]
     with Progress() as progress:
@@ -268,7 +300,12 @@ def main() -> None:
             runs: dict[tuple, list[dict]] = {}
             for cache in (True, False):
                 with start_server(model, precision, cache) as server:
-                    plain = {k: statistics.median(asyncio.run(plain_decode(server.url, k))) for k in users}
+                    plain = {}  # the first round's users, decoding alone
+                    for k in users:
+                        gaps = asyncio.run(plain_decode(server.url, pick_typists(k, args.requests, seed=10 * k)))
+                        plain[k] = statistics.median(gaps)
+                    times = asyncio.run(follow_ups_alone(server.url, probe))
+                    alone.append(dict(shape=shape, precision=precision, cache=cache, ttfts=times))
                     for repeat in range(args.repeats):  # rounds interleave user counts and styles
                         for k in users:
                             for style in styles:
@@ -294,8 +331,13 @@ def main() -> None:
             off = next(o for o in results if not o["cache"] and all(o[k] == r[k] for k in ("shape", "precision", "users", "style")))
             print(f"{r['shape']} {r['precision']} {r['users']} user(s), {r['style']}: time to first token p50 "
                   f"{off['ttft_p50'] / r['ttft_p50']:.1f}x sooner with the prefix cache (p95 {off['ttft_p95'] / r['ttft_p95']:.1f}x)")
+    for on in (a for a in alone if a["cache"]):
+        off = next(a for a in alone if not a["cache"] and a["shape"] == on["shape"] and a["precision"] == on["precision"])
+        on_p50, off_p50 = statistics.median(on["ttfts"]), statistics.median(off["ttfts"])
+        print(f"{on['shape']} {on['precision']}: a follow-up at ~1500 tokens on an idle server, not dropped: time to first "
+              f"token p50 {on_p50:.3f} s with the prefix cache, {off_p50:.3f} s without ({off_p50 / on_p50:.1f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    args.out.write_text(json.dumps({"replay": results, "alone": alone}, indent=1))
     plot(results, args.plot)
     print(f"wrote {args.out} and {args.plot}")
 
