@@ -22,21 +22,23 @@ from machine import cpu_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed_generator(checkpoint: Path, prefix_cache_mb: float | None, firsts: list[float]):
-    """A generator whose schedulers note the time from their creation to their first generated token."""
+def timed_generator(checkpoint: Path, prefix_cache_mb: float | None, firsts: list[tuple[float, float]]):
+    """A generator whose schedulers note, from their creation, the time to their first generated token and the median
+    over their requests of each one's first token (eval mtpb runs a problem's test cases as one batch)."""
     from codegen_lm.engine import Generator
 
     class TimedGenerator(Generator):
         def scheduler(self):
             scheduler, created = super().scheduler(), time.perf_counter()
-            step, timed = scheduler.step, False
+            step, seen = scheduler.step, {}
 
             def timed_step():
-                nonlocal timed
                 outputs = step()
-                if not timed and any(o.token_ids for o in outputs):
-                    timed = True
-                    firsts.append(time.perf_counter() - created)
+                for o in outputs:
+                    if o.token_ids and o.request_id not in seen:
+                        seen[o.request_id] = time.perf_counter() - created
+                if seen and not scheduler.has_unfinished():
+                    firsts.append((min(seen.values()), statistics.median(seen.values())))
                 return outputs
 
             scheduler.step = timed_step
@@ -45,7 +47,7 @@ def timed_generator(checkpoint: Path, prefix_cache_mb: float | None, firsts: lis
     return TimedGenerator.from_pretrained(str(checkpoint), prefix_cache_mb=prefix_cache_mb)
 
 
-def chat_turns(generator, problem: dict, firsts: list[float]) -> list[float]:
+def chat_turns(generator, problem: dict, firsts: list[tuple[float, float]]) -> list[tuple[float, float]]:
     from codegen_lm.engine import SamplingParams
     from codegen_lm.evaluate.mtpb import fill
     from codegen_lm.session import Session
@@ -57,7 +59,7 @@ def chat_turns(generator, problem: dict, firsts: list[float]) -> list[float]:
     return list(firsts)
 
 
-def eval_turns(generator, problem: dict, firsts: list[float], workdir: Path) -> list[float]:
+def eval_turns(generator, problem: dict, firsts: list[tuple[float, float]], workdir: Path) -> list[tuple[float, float]]:
     from codegen_lm.evaluate import mtpb
 
     firsts.clear()
@@ -89,7 +91,7 @@ def main() -> None:
     if args.max_new_tokens:
         problems = [{**p, "max_gen_length": args.max_new_tokens} for p in problems]
     model = checkpoint(args.workdir, "350M")
-    firsts: list[float] = []
+    firsts: list[tuple[float, float]] = []
     generators = {cache: timed_generator(model, None if cache else 0, firsts) for cache in (True, False)}
     times: dict[tuple[str, bool], list[list[float]]] = {}
     for _ in range(args.rounds):
@@ -99,15 +101,18 @@ def main() -> None:
                     generator.prefix_cache.clear()  # every problem starts cold: only its own turns are reused
                 times.setdefault(("chat", cache), []).append(chat_turns(generator, problem, firsts))
                 times.setdefault(("eval mtpb", cache), []).append(eval_turns(generator, problem, firsts, args.workdir))
-    print(f"{'front end':10} {'cache':5} " + " ".join(f"{'turn ' + str(t):>8}" for t in range(1, 6)))
+    print("time to the first token of each turn: the first sequence's / the median sequence's (eval mtpb: the test "
+          "cases of a problem, one batch)")
+    print(f"{'front end':10} {'cache':5} " + " ".join(f"{'turn ' + str(t):>13}" for t in range(1, 6)))
     medians = {}
     for (front, cache), runs in times.items():
-        medians[(front, cache)] = [statistics.median(run[t] for run in runs) for t in range(5)]
-        print(f"{front:10} {'on' if cache else 'off':5} " + " ".join(f"{m:7.2f}s" for m in medians[(front, cache)]))
+        medians[(front, cache)] = [(statistics.median(run[t][0] for run in runs), statistics.median(run[t][1] for run in runs))
+                                   for t in range(5)]
+        print(f"{front:10} {'on' if cache else 'off':5} " + " ".join(f"{a:5.2f}s/{m:5.2f}s" for a, m in medians[(front, cache)]))
     for front in ("chat", "eval mtpb"):
-        on, off = medians[(front, True)], medians[(front, False)]
-        print(f"{front}: the 5th turn's first token {off[4] / on[4]:.1f}x sooner with the prefix cache "
-              f"({off[4]:.2f} s -> {on[4]:.2f} s)")
+        on, off = medians[(front, True)][4], medians[(front, False)][4]
+        print(f"{front}: the 5th turn's first token {off[0] / on[0]:.1f}x sooner with the prefix cache "
+              f"({off[0]:.2f} s -> {on[0]:.2f} s); the median sequence's {off[1] / on[1]:.1f}x ({off[1]:.2f} s -> {on[1]:.2f} s)")
 
 
 if __name__ == "__main__":
