@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
@@ -36,3 +40,20 @@ def reuse_large_buffers() -> None:
     if (libc := _libc()) is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
+
+
+MADV_NOHUGEPAGE = 15  # madvise advice (linux/mman.h)
+
+
+def small_pages(tensor: "torch.Tensor") -> None:
+    """Back ``tensor``'s untouched memory with 4 KB pages instead of 2 MB ones (Linux; elsewhere nothing). For memory
+    that is written sparsely, as a KV cache is (each layer's row is a few MB, of which a short sequence writes the
+    start): on 2 MB pages every spot touched takes 2 MB (measured: 0.8 GB more for 8 rows of 320 tokens on the 350M
+    shape)."""
+    if (libc := _libc()) is None or tensor.device.type != "cpu" or not tensor.numel():
+        return
+    page = 4096
+    start = (tensor.data_ptr() + page - 1) // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t((end - start) // page * page), MADV_NOHUGEPAGE)

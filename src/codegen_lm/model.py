@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import CodeGenConfig
+from .memory import small_pages
 
 MP_NUM = 4  # CodeGen was trained with 4 model-parallel shards; its fused qkv rows are laid out per shard.
 
@@ -125,6 +126,8 @@ class KVCache:
         shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        small_pages(self.k)  # (written sparsely: on 2 MB pages each layer's touched row would take 2 MB)
+        small_pages(self.v)
         flat = (config.n_layer, batch_size * max_len, config.n_head, config.head_dim)
         self._k_slots, self._v_slots = self.k.view(flat).unbind(0), self.v.view(flat).unbind(0)
         self.clean = [0] * batch_size  # row r's slots < clean[r] hold finite values (written or zeroed)
