@@ -136,8 +136,13 @@ def test_the_adaptive_switch_pauses_a_failing_proposer_and_a_full_batch(target, 
     spec = Generator(target, None, speculative=SpeculativeConfig("draft", K, draft_model="random"), draft=draft)
     [completion] = run(spec, [PROMPTS[1]], max_new_tokens=100)
     # Two failed verify steps in a row pause proposing for 4, 16, 64 steps: 8 failed steps in 100 tokens (doubling
-    # pauses would have made 10), not one per token.
-    assert completion.accepted_tokens <= 2 and completion.proposed_tokens <= 8 * K
+    # pauses would have made 10), not one per token; after the first rejection the draft proposes one token at a
+    # time (each costs a draft step), so at most K + 7 tokens in all (8 * K with proposals of fixed length).
+    assert completion.accepted_tokens <= 2 and completion.proposed_tokens <= K + 7 + 2 * completion.accepted_tokens
+    perfect = Generator(target, None, speculative=SpeculativeConfig("draft", K, draft_model="itself"), draft=target)
+    [completion] = run(perfect, [PROMPTS[1]], max_new_tokens=100)  # a draft that always holds keeps proposing K
+    passes = 1 + -(-99 // (K + 1))  # the prefill's token, then K + 1 tokens per verify step
+    assert completion.accepted_tokens == completion.proposed_tokens and completion.forward_passes == passes
     full = Generator(target, None, max_batch=16, speculative=SpeculativeConfig("ngram", K, max_step_tokens=16))
     short = PROMPTS[2]  # 16 of these are prefilled in one step, then decode together
     many = full.complete([short] * 16, SamplingParams(max_new_tokens=20, ignore_eos=True))

@@ -19,7 +19,10 @@ trace in any cache (a row's keys count only up to its kept tokens).
 
 Speculation adapts: a sequence whose proposals keep failing stops proposing for a while (the pause grows fourfold each
 time it fails again), and a step proposes only while the batch leaves room under ``max_step_tokens``, past which
-a step is bound by compute rather than by reading the weights and extra tokens are no longer nearly free.
+a step is bound by compute rather than by reading the weights and extra tokens are no longer nearly free. A draft
+model's proposals cost a draft step each, so their length follows what the last verify step kept (one more than
+the kept run after a rejection, two more after a full acceptance, up to ``num_tokens``); n-gram proposals are free
+and always go up to ``num_tokens``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class SpeculationState:
     failures: int = 0  # verify steps in a row that kept nothing
     pause: int = 0  # steps left without proposals
     next_pause: int = FIRST_PAUSE
+    draft_length: int = 0  # a draft model's next proposal length (0: not yet set, num_tokens)
     proposed: int = 0
     accepted: int = 0
     draft_row: int | None = None
@@ -115,7 +119,8 @@ class Speculator:
             if state.pause:
                 state.pause -= 1
                 continue
-            count = min(self.config.num_tokens, room, seq.request.params.max_new_tokens - len(seq.token_ids) - 1)
+            longest = state.draft_length or self.config.num_tokens  # (draft_length stays 0 for n-gram lookup)
+            count = min(longest, room, seq.request.params.max_new_tokens - len(seq.token_ids) - 1)
             if count >= 1:
                 wanted.append((seq, count))
                 room -= count
@@ -234,7 +239,7 @@ class Speculator:
 
     def settle(self, seq: Any, proposed: int, kept: int) -> None:
         """Bookkeeping after a verify step that kept ``kept`` of ``proposed`` tokens: counts, the pause after repeated
-        failures, the draft's row rolled back to the sequence's tokens."""
+        failures, a draft's next proposal length, the draft's row rolled back to the sequence's tokens."""
         state = seq.speculation
         state.proposed += proposed
         state.accepted += kept
@@ -247,6 +252,8 @@ class Speculator:
                 state.next_pause = min(PAUSE_GROWTH * state.next_pause, LONGEST_PAUSE)
         if state.draft_row is not None:  # the draft saw the sequence's tokens, then its own proposals
             state.draft_computed = min(state.draft_computed, seq.length - 1)
+            longest = self.config.num_tokens
+            state.draft_length = min(longest, (state.draft_length or longest) + 2) if kept == proposed else kept + 1
 
     def release(self, seq: Any) -> None:
         state = seq.speculation
