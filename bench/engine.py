@@ -82,7 +82,6 @@ def load_ours(args: argparse.Namespace):
     import torch
 
     from codegen_lm.checkpoint import load_model
-    from codegen_lm.engine import Generator, SamplingParams
     from codegen_lm.quantize import kernel_choices
 
     torch.set_num_threads(args.threads)

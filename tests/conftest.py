@@ -104,3 +104,22 @@ def require_bwrap() -> None:
         if os.environ.get("CODEGEN_LM_REQUIRE_SANDBOX") == "1":
             pytest.fail(f"bubblewrap unusable ({problem}) and CODEGEN_LM_REQUIRE_SANDBOX=1")
         pytest.skip(f"bubblewrap unusable: {problem}")
+
+
+# -- the served tiny model (tests/serving.py), shared by the server tests -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random-weight checkpoint with the real tokenizer, saved once per test module."""
+    from serving import MODEL, save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("served") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def served_generator(served_checkpoint: Path):
+    """A ``Generator`` on ``served_checkpoint``, one per test module (tests patch it and leave it as they found it)."""
+    from codegen_lm.engine import Generator
+
+    return Generator.from_pretrained(str(served_checkpoint))

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from serving import KEY, MODEL, alone, running  # noqa: F401
-from test_serve import checkpoint, generator  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -32,9 +31,9 @@ def page(tmp_path):
             context.close()
 
 
-def test_playground_streams_highlighted_code(page, generator):
+def test_playground_streams_highlighted_code(page, served_generator):
     ARTIFACTS.mkdir(exist_ok=True)
-    with running(generator) as srv:
+    with running(served_generator) as srv:
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         requests: list[str] = []
@@ -51,7 +50,7 @@ def test_playground_streams_highlighted_code(page, generator):
         page.fill("#stop", "")
         page.click("#run")
         page.wait_for_function("document.getElementById('status').textContent.includes('tokens in')")
-        [expected] = alone(generator, prompt, max_new_tokens=12)
+        [expected] = alone(served_generator, prompt, max_new_tokens=12)
         assert page.inner_text("#output") == prompt + expected.text
         assert page.inner_text("#output .tok-keyword") == "def"  # highlighted
         assert page.inner_text("#output .tok-defname") == "fibonacci"

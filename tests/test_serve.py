@@ -20,28 +20,17 @@ import psutil
 import pytest
 import torch
 
-from codegen_lm.engine import Generator, SamplingParams
+from codegen_lm.engine import SamplingParams
 from codegen_lm.serve import load_api_keys
 from codegen_lm.serve.protocol import ChatMessage, chat_turns
 from codegen_lm.session import MTPB_PRELUDE, Session
-from serving import (KEY, MODEL, GatedScheduler, alone, free_port, metric, raw, running, save_tiny_checkpoint,
-                     settle, wait_until)
+from serving import (KEY, MODEL, GatedScheduler, alone, free_port, metric, raw, running, settle, wait_until)
 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / MODEL)
-
-
-@pytest.fixture(scope="module")
-def generator(checkpoint) -> Generator:
-    return Generator.from_pretrained(str(checkpoint))
-
-
-@pytest.fixture(scope="module")
-def srv(generator):
-    with running(generator, body_timeout=1.0, max_body_bytes=64 * 1024) as s:
+def srv(served_generator):
+    with running(served_generator, body_timeout=1.0, max_body_bytes=64 * 1024) as s:
         yield s
 
 
@@ -54,17 +43,17 @@ def test_models_and_health(srv):
     assert health["status"] == "ok" and health["model"] == MODEL
 
 
-def test_completion_is_the_generators(srv, generator):
+def test_completion_is_the_generators(srv, served_generator):
     prompt = "def fibonacci(n):\n    "
     r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
-    [expected] = alone(generator, prompt, max_new_tokens=12)
+    [expected] = alone(served_generator, prompt, max_new_tokens=12)
     assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
     assert r.choices[0].text == expected.text and r.choices[0].finish_reason == expected.finish_reason
-    n_prompt = len(generator.tokenizer.encode(prompt))
+    n_prompt = len(served_generator.tokenizer.encode(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
 
 
-def test_prompt_list_n_and_seed(srv, generator):
+def test_prompt_list_n_and_seed(srv, served_generator):
     # Over a random model's nearly flat distribution, float noise from the batch shape can move an inverse-CDF
     # draw across a bin edge; top_k=5 makes the bins wide enough that seeds reproduce exactly.
     prompts = ["import os\n", "class A:\n"]
@@ -73,7 +62,7 @@ def test_prompt_list_n_and_seed(srv, generator):
     assert [c.index for c in r.choices] == list(range(6))
     for c in r.choices:  # sample j of a prompt is that prompt alone with seed 11 + j
         p, j = divmod(c.index, 3)
-        [expected] = alone(generator, prompts[p], max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=5, seed=11 + j)
+        [expected] = alone(served_generator, prompts[p], max_new_tokens=6, temperature=0.9, top_p=0.95, top_k=5, seed=11 + j)
         assert c.text == expected.text
     assert len({c.text for c in r.choices}) > 1
     again = srv.client.completions.create(model=MODEL, prompt=prompts, **sampling)
@@ -81,26 +70,26 @@ def test_prompt_list_n_and_seed(srv, generator):
     assert r.usage.completion_tokens == 36
 
 
-def test_token_id_prompt_and_echo(srv, generator):
-    ids = generator.tokenizer.encode("x = [1, 2, 3]\n")
+def test_token_id_prompt_and_echo(srv, served_generator):
+    ids = served_generator.tokenizer.encode("x = [1, 2, 3]\n")
     r = srv.client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, echo=True)
-    [expected] = alone(generator, "x = [1, 2, 3]\n", max_new_tokens=5)
+    [expected] = alone(served_generator, "x = [1, 2, 3]\n", max_new_tokens=5)
     assert r.choices[0].text == "x = [1, 2, 3]\n" + expected.text
 
 
-def test_stop_sequences(srv, generator):
+def test_stop_sequences(srv, served_generator):
     prompt = "for i in range(10):\n"
-    [free] = alone(generator, prompt, max_new_tokens=24)
+    [free] = alone(served_generator, prompt, max_new_tokens=24)
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
     r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop, "zzz"])
     assert r.choices[0].text == free.text[: free.text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_streamed_stop_strings_are_never_emitted_even_across_tokens(srv, generator):
+def test_streamed_stop_strings_are_never_emitted_even_across_tokens(srv, served_generator):
     prompt = "for i in range(10):\n"
-    [free] = alone(generator, prompt, max_new_tokens=40)
-    decode = generator.tokenizer.decode
+    [free] = alone(served_generator, prompt, max_new_tokens=40)
+    decode = served_generator.tokenizer.decode
     # Stop strings that straddle a boundary between two generated tokens (so no single chunk holds them whole).
     cuts = [len(decode(free.token_ids[:k])) for k in range(4, len(free.token_ids) - 4, 5)]
     stops = [free.text[c - 2 : c + 2] for c in cuts if len(free.text[c - 2 : c + 2].strip()) == 4]
@@ -113,22 +102,22 @@ def test_streamed_stop_strings_are_never_emitted_even_across_tokens(srv, generat
         assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_logprobs_are_the_models(srv, generator):
+def test_logprobs_are_the_models(srv, served_generator):
     prompt = "def add(a, b):\n"
     r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == 4 and lp.top_logprobs is None
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
-    ids = torch.tensor([generator.tokenizer.encode(prompt)])
+    ids = torch.tensor([served_generator.tokenizer.encode(prompt)])
     with torch.no_grad():
-        logits = generator.model(ids).logits[0, -1].float()
-    first = logits[: len(generator.tokenizer)].log_softmax(-1)  # the padding rows are never sampled
+        logits = served_generator.model(ids).logits[0, -1].float()
+    first = logits[: len(served_generator.tokenizer)].log_softmax(-1)  # the padding rows are never sampled
     assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
 
 
-def test_streaming(srv, generator):
+def test_streaming(srv, served_generator):
     prompt = "while True:\n"
-    [expected] = alone(generator, prompt, max_new_tokens=16)
+    [expected] = alone(served_generator, prompt, max_new_tokens=16)
     chunks = list(srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
                                                 stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
@@ -143,7 +132,7 @@ def test_streaming(srv, generator):
     assert indexes == {0, 1}
 
 
-def test_chat_is_a_session(srv, generator):
+def test_chat_is_a_session(srv, served_generator):
     messages = [{"role": "system", "content": "You write short programs."},
                 {"role": "user", "content": "Assign the list [3, 1, 2] to xs."},
                 {"role": "assistant", "content": "xs = [3, 1, 2]"},
@@ -152,13 +141,13 @@ def test_chat_is_a_session(srv, generator):
     assert (prelude, turns, spec) == ("# You write short programs.\n\n" + MTPB_PRELUDE,
                                       [("Assign the list [3, 1, 2] to xs.", "xs = [3, 1, 2]")], "Sort xs in place.")
     # The server's answer is what a Session with that history says for the last spec.
-    session = Session(generator, prelude, turns, SamplingParams(max_new_tokens=24))
+    session = Session(served_generator, prelude, turns, SamplingParams(max_new_tokens=24))
     expected = session.say(spec)
     r = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected.code
     prompt, _ = session.prompt_for(spec, turns)
-    assert r.usage.prompt_tokens == len(generator.tokenizer.encode(prompt))
+    assert r.usage.prompt_tokens == len(served_generator.tokenizer.encode(prompt))
     chunks = list(srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
                                                      stream=True, n=2))
     assert {c.choices[0].index for c in chunks[:2]} == {0, 1} and chunks[0].choices[0].delta.role == "assistant"
@@ -169,13 +158,13 @@ def test_chat_is_a_session(srv, generator):
     assert set(finishes) == {0, 1} and set(finishes.values()) <= {"stop", "length"}
 
 
-def test_fauxpilot_request(srv, generator):
+def test_fauxpilot_request(srv, served_generator):
     # What FauxPilot's Copilot-compatible clients send (engine name in the path, extra fields).
     body = {"prompt": "def hello():\n", "max_tokens": 8, "temperature": 0.0, "top_p": 1, "n": 1, "stop": ["\n\n"],
             "stream": False, "logprobs": None, "echo": False, "nwo": "me/repo", "extra": {"language": "python"}}
     r = httpx.post(srv.url + "/v1/engines/codegen/completions", json=body, headers=srv.headers)
     assert r.status_code == 200, r.text
-    [expected] = alone(generator, "def hello():\n", max_new_tokens=8, stop=["\n\n"])
+    [expected] = alone(served_generator, "def hello():\n", max_new_tokens=8, stop=["\n\n"])
     assert r.json()["choices"][0]["text"] == expected.text
     with httpx.stream("POST", srv.url + "/v1/engines/codegen/completions", json=dict(body, stream=True),
                       headers=srv.headers) as response:
@@ -358,7 +347,7 @@ def test_slow_body_times_out(srv):
 # -- load, capacity and faults ----------------------------------------------------------------------------
 
 
-def test_32_concurrent_requests_get_what_they_get_alone(srv, generator):
+def test_32_concurrent_requests_get_what_they_get_alone(srv, served_generator):
     cases = []
     for i in range(32):
         params = dict(max_new_tokens=4 + (i * 7) % 37, n=1 + (i % 4 == 0),
@@ -381,7 +370,7 @@ def test_32_concurrent_requests_get_what_they_get_alone(srv, generator):
     responses = asyncio.run(all_at_once())
     assert len({r.id for r in responses}) == 32
     for (prompt, params), r in zip(cases, responses):
-        expected = alone(generator, prompt, **params)
+        expected = alone(served_generator, prompt, **params)
         assert [c.index for c in r.choices] == list(range(params["n"]))
         assert [c.text for c in r.choices] == [e.text for e in expected], prompt
         assert [c.finish_reason for c in r.choices] == [e.finish_reason for e in expected]
@@ -389,8 +378,8 @@ def test_32_concurrent_requests_get_what_they_get_alone(srv, generator):
     settle(srv.state)
 
 
-def test_queue_full_answers_429(generator):
-    with running(generator, max_batch=1, max_queue=1, scheduler=GatedScheduler) as s:
+def test_queue_full_answers_429(served_generator):
+    with running(served_generator, max_batch=1, max_queue=1, scheduler=GatedScheduler) as s:
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "n": 2, "stream": True, "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers):
             # Accepted, and it cannot finish (its steps are held): both sequence slots are taken.
@@ -408,9 +397,9 @@ def test_queue_full_answers_429(generator):
         assert r.status_code == 400 and "holds at most 2" in r.text
 
 
-def test_disconnect_aborts_at_once(generator):
+def test_disconnect_aborts_at_once(served_generator):
     """A client that goes away (streaming, or waiting for a whole answer) costs no step after the engine has seen it."""
-    with running(generator, scheduler=GatedScheduler) as s:
+    with running(served_generator, scheduler=GatedScheduler) as s:
         tokens = lambda: metric(s, "codegen_generation_tokens_total")
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "stream": True, "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers) as r:
@@ -434,9 +423,9 @@ def test_disconnect_aborts_at_once(generator):
         assert tokens() == generated + r.usage.completion_tokens
 
 
-def test_timeouts(generator):
+def test_timeouts(served_generator):
     # Steps are held, so nothing can finish within the 0.3 s, however fast the machine.
-    with running(generator, scheduler=GatedScheduler, request_timeout=0.3) as s:
+    with running(served_generator, scheduler=GatedScheduler, request_timeout=0.3) as s:
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "temperature": 0}
         r = httpx.post(s.url + "/v1/completions", json=body, headers=s.headers)
         assert r.status_code == 504 and "did not finish within 0.3 s" in r.json()["error"]["message"]
@@ -450,9 +439,9 @@ def test_timeouts(generator):
         assert s.client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
 
 
-def test_shutdown_drains_while_still_answering(generator):
+def test_shutdown_drains_while_still_answering(served_generator):
     """SIGTERM: /health answers 503 and new requests are refused while running ones finish; then the server stops."""
-    with running(generator, scheduler=GatedScheduler, shutdown_timeout=300) as s:
+    with running(served_generator, scheduler=GatedScheduler, shutdown_timeout=300) as s:
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 20, "stream": True, "temperature": 0,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers) as r:
@@ -470,8 +459,8 @@ def test_shutdown_drains_while_still_answering(generator):
         assert not s.thread.is_alive()
 
 
-def test_shutdown_timeout_ends_streams_with_an_error_event(generator):
-    with running(generator, scheduler=GatedScheduler, shutdown_timeout=0.5) as s:
+def test_shutdown_timeout_ends_streams_with_an_error_event(served_generator):
+    with running(served_generator, scheduler=GatedScheduler, shutdown_timeout=0.5) as s:
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "stream": True, "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers) as r:
             s.scheduler.run(1)
@@ -493,14 +482,14 @@ def metric_after_shutdown(state, name: str, **labels) -> float:
 
 
 @contextmanager
-def cli_server(checkpoint: Path, tmp_path: Path, *args: str):
+def cli_server(served_checkpoint: Path, tmp_path: Path, *args: str):
     """``codegen-lm serve`` in a subprocess, once it answers /health (it may compile first: no deadline but the test's)."""
     keys = tmp_path / "keys"
     keys.write_text(KEY + "\n")
     port = free_port()
     env = {**os.environ, "CODEGEN_LM_API_KEYS": ""}
     process = subprocess.Popen(
-        [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+        [sys.executable, "-m", "codegen_lm.cli", "serve", "--model", str(served_checkpoint), "--port", str(port),
          "--api-key-file", str(keys), "--served-model-name", MODEL, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -521,10 +510,10 @@ def cli_server(checkpoint: Path, tmp_path: Path, *args: str):
 
 
 @pytest.mark.slow
-def test_hostile_clients_leave_memory_at_baseline(checkpoint, tmp_path):
+def test_hostile_clients_leave_memory_at_baseline(served_checkpoint, tmp_path):
     """The server process's own memory (not the test's): a barrage of hostile clients leaves nothing behind."""
     body = {"model": MODEL, "prompt": "def f():\n" * 50, "max_tokens": 200, "temperature": 0, "n": 4}
-    with cli_server(checkpoint, tmp_path) as s:
+    with cli_server(served_checkpoint, tmp_path) as s:
         process = psutil.Process(s.process.pid)
 
         def barrage():
@@ -549,9 +538,9 @@ def test_hostile_clients_leave_memory_at_baseline(checkpoint, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_cli_serves_and_shuts_down_gracefully(checkpoint, tmp_path, compile):
+def test_cli_serves_and_shuts_down_gracefully(served_checkpoint, tmp_path, compile):
     """``serve`` from the command line; with ``--compile`` it compiles the decode step before it takes requests."""
-    with cli_server(checkpoint, tmp_path, *["--compile"] * compile) as s:
+    with cli_server(served_checkpoint, tmp_path, *["--compile"] * compile) as s:
         body = {"model": MODEL, "prompt": "def f():", "max_tokens": 300, "stream": True, "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers, timeout=120) as r:
             lines = r.iter_lines()

@@ -9,7 +9,6 @@ import inspect
 import json
 import logging
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,18 +29,8 @@ settings.register_profile("serve-fuzz", derandomize=True, database=None, deadlin
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / MODEL)
-
-
-@pytest.fixture(scope="module")
-def generator(checkpoint) -> Generator:
-    return Generator.from_pretrained(str(checkpoint))
-
-
-@pytest.fixture(scope="module")
-def srv(generator):
-    with running(generator, body_timeout=5.0, max_body_bytes=256 * 1024) as s:
+def srv(served_generator):
+    with running(served_generator, body_timeout=5.0, max_body_bytes=256 * 1024) as s:
         yield s
 
 
@@ -57,7 +46,7 @@ TEXT_FAULT = "@@fault@@"  # a request with this stop string breaks while its tex
 
 
 @pytest.fixture
-def faults(generator, monkeypatch):
+def faults(served_generator, monkeypatch):
     """Two ways for one request to fail inside the engine: NaN logits, and an error while decoding its text."""
     clean_add = TextStream.add
 
@@ -66,7 +55,7 @@ def faults(generator, monkeypatch):
             raise RuntimeError("the detokenizer broke")
         return clean_add(self, token_id)
 
-    monkeypatch.setattr(generator.model, "logits_packed", poisoned(generator.model.logits_packed))
+    monkeypatch.setattr(served_generator.model, "logits_packed", poisoned(served_generator.model.logits_packed))
     monkeypatch.setattr(TextStream, "add", add)
 
 
@@ -76,12 +65,12 @@ GOOD = [("def fib(n):\n", dict(max_new_tokens=40, temperature=0.8, top_p=0.9, to
         ("x = [1, 2]\n", dict(max_new_tokens=30, n=2, temperature=0.9, top_k=5, seed=3))]
 
 
-def test_one_failing_request_fails_alone(generator, faults):
+def test_one_failing_request_fails_alone(served_generator, faults):
     """The fuzzer's find: a request that breaks sampling (here: NaN logits, a broken detokenizer, and the underflowing
     temperature/top_p that used to) fails alone; every other request in the same batch gets, token for token, what
     it gets when it runs alone."""
-    expected = [[c.text for c in alone(generator, prompt, **params)] for prompt, params in GOOD]
-    poisoned = generator.tokenizer.encode("def f():\n") + [POISON]
+    expected = [[c.text for c in alone(served_generator, prompt, **params)] for prompt, params in GOOD]
+    poisoned = served_generator.tokenizer.encode("def f():\n") + [POISON]
 
     def body(prompt, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, n=1, stop=None):
         return {"model": MODEL, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
@@ -103,7 +92,7 @@ def test_one_failing_request_fails_alone(generator, faults):
                 texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
         return [texts[i] for i in sorted(texts)]
 
-    with running(generator, scheduler=GatedScheduler) as s:
+    with running(served_generator, scheduler=GatedScheduler) as s:
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url, headers=s.headers, timeout=120) as client:
                 tasks = [asyncio.create_task(stream(client, body(p, **params))) for p, params in GOOD]
@@ -119,7 +108,7 @@ def test_one_failing_request_fails_alone(generator, faults):
         nan_error, text_error = results[len(GOOD) : len(GOOD) + 2]
         assert nan_error["type"] == "server_error" and "logits hold NaN or inf" in nan_error["message"]
         assert "the detokenizer broke" in text_error["message"]
-        greedy = alone(generator, "def h():\n", max_new_tokens=12)[0].text
+        greedy = alone(served_generator, "def h():\n", max_new_tokens=12)[0].text
         assert results[len(GOOD) + 2 :] == [[greedy]] * 3  # below 1e-5, temperature is greedy; tiny top_p keeps the top
         assert metric(s, 'codegen_stream_errors_total{endpoint="/v1/completions",reason="generation_error"}') == 2
         # Not streamed, the failure is a 500 naming the cause; the server goes on serving.
@@ -292,10 +281,10 @@ def closed(sock) -> bool:
         return True
 
 
-def test_slow_headers_cannot_lock_out_health_or_requests(generator):
+def test_slow_headers_cannot_lock_out_health_or_requests(served_generator):
     """300 sockets that never finish their headers, against a limit of 32 connections and a header timeout that never
     fires here: each newcomer evicts the longest-waiting one, so /health and completions are answered at once."""
-    with running(generator, max_connections=32, header_timeout=600) as s:
+    with running(served_generator, max_connections=32, header_timeout=600) as s:
         slow = [raw(s, SLOW_HEAD) for _ in range(300)]
         health = httpx.get(s.url + "/health", timeout=10)
         assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -308,8 +297,8 @@ def test_slow_headers_cannot_lock_out_health_or_requests(generator):
             sock.close()
 
 
-def test_header_timeout_cuts_slow_trickling_and_idle_connections(generator):
-    with running(generator, header_timeout=0.5) as s:
+def test_header_timeout_cuts_slow_trickling_and_idle_connections(served_generator):
+    with running(served_generator, header_timeout=0.5) as s:
         slow, idle = raw(s, SLOW_HEAD), raw(s, b"")
         trickling = raw(s, b"P")
         stop = threading.Event()
@@ -338,8 +327,8 @@ def test_header_timeout_cuts_slow_trickling_and_idle_connections(generator):
         assert httpx.get(s.url + "/health").status_code == 200
 
 
-def test_connection_limit_answers_503_only_when_every_connection_is_busy(generator):
-    with running(generator, max_connections=2, scheduler=GatedScheduler) as s:
+def test_connection_limit_answers_503_only_when_every_connection_is_busy(served_generator):
+    with running(served_generator, max_connections=2, scheduler=GatedScheduler) as s:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": True, "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers), \
                 httpx.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers):
@@ -375,7 +364,7 @@ def test_padding_rows_are_never_sampled_by_any_front_end(tmp_path):
         assert r.choices[0].text == expected.text and max(expected.token_ids) < real
 
 
-def test_serve_listens_on_loopback_and_warns_when_exposed_without_keys(checkpoint, monkeypatch, caplog):
+def test_serve_listens_on_loopback_and_warns_when_exposed_without_keys(served_checkpoint, monkeypatch, caplog):
     from codegen_lm.cli import serve_command
 
     assert inspect.signature(serve_command).parameters["host"].default.default == "127.0.0.1"
@@ -385,11 +374,11 @@ def test_serve_listens_on_loopback_and_warns_when_exposed_without_keys(checkpoin
     monkeypatch.setenv(serve_app.API_KEYS_ENV, "")
     warning = "without API keys: anyone who can reach it can use it"
     with caplog.at_level(logging.WARNING, logger="codegen_lm.serve"):
-        serve_app.serve(str(checkpoint))
+        serve_app.serve(str(served_checkpoint))
         assert configs[-1].host == "127.0.0.1" and warning not in caplog.text
-        serve_app.serve(str(checkpoint), host="0.0.0.0")
+        serve_app.serve(str(served_checkpoint), host="0.0.0.0")
         assert configs[-1].host == "0.0.0.0" and f"listening on 0.0.0.0 {warning}" in caplog.text
         caplog.clear()
         monkeypatch.setenv(serve_app.API_KEYS_ENV, KEY)
-        serve_app.serve(str(checkpoint), host="0.0.0.0")
+        serve_app.serve(str(served_checkpoint), host="0.0.0.0")
         assert warning not in caplog.text
