@@ -484,11 +484,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     precisions = list(report["precisions"])
-    fig, axes = plt.subplots(2, len(precisions), figsize=(6 * len(precisions), 9), squeeze=False)
+    parts = [part for part in ("steps", "loop") if any(part in data for data in report["precisions"].values())]
+    fig, axes = plt.subplots(len(parts), len(precisions), figsize=(6 * len(precisions), 4.5 * len(parts)), squeeze=False)
     for col, precision in enumerate(precisions):
         data = report["precisions"][precision]
         if "steps" in data:
-            ax = axes[0][col]
+            ax = axes[parts.index("steps")][col]
             costs = {tuple(map(int, key.split(","))): v for key, v in data["steps"]["ms"].items()}
             for b in sorted({b for b, _ in costs}):
                 ks = sorted(k for bb, k in costs if bb == b)
@@ -501,7 +502,7 @@ def plot(report: dict, path: Path) -> None:
             ax.set_title(f"{report['shape']} {precision}: a step verifying k tokens per row")
             ax.legend(fontsize=8)
         if "loop" in data:
-            ax = axes[1][col]
+            ax = axes[parts.index("loop")][col]
             loop = data["loop"]
             base = loop["none"]["tok_s"]
             for k in report["sweep_k"]:
@@ -512,7 +513,7 @@ def plot(report: dict, path: Path) -> None:
                     ax.axhline(r["tok_s"] / base, color="black", linestyle=":", label=name)
                 if name.startswith("replay"):
                     own = next(x["tok_s"] for n, x in loop.items() if n.startswith("none, replayed"))
-                    rate = data["loop_info"]["acceptance_replayed"]
+                    rate = r["accepted"] / r["proposed"]  # as run: below the recorded one where tokens differ (int8)
                     ax.scatter([rate], [r["tok_s"] / own], marker="*", s=160, color="red", zorder=5,
                                label="the trained model's n-gram runs replayed (simulated)")
             ax.axhline(1.0, color="grey", linewidth=0.8)

@@ -15,7 +15,9 @@ Tasks (prompts from the held-out modules, bench/speculate_models.py HELD_OUT; at
 
 Methods: none; ngram:K (n-gram lookup, K tokens at most per step); draft:K (the trained draft model);
 self-int8:K. Peers (--peers): transformers plain and with prompt_lookup_num_tokens=K / assistant_model=draft
-(num_assistant_tokens=K, constant schedule), and CTranslate2 fp32, on the same prompts.
+(num_assistant_tokens=K, constant schedule), and CTranslate2, on the same prompts. --precision int8 runs ours and
+CTranslate2 in int8 (transformers has no int8 CPU path to compare): whether speculation keeps int8 greedy output
+identical on trained weights, where verify rows and single rows may round differently.
 
 Every method runs every prompt of a task once per round (one request at a time: batch 1), rounds interleave the
 methods, and the figure is the median over rounds of generated tokens / seconds. Each method's tokens are compared
@@ -118,11 +120,13 @@ def parse_method(text: str) -> tuple[str, int]:
     return method, int(k or 4)
 
 
-def ours(method: str, k: int, draft: Path) -> Callable[[list[tuple[list[int], int]]], dict]:
+def ours(method: str, k: int, draft: Path, precision: str) -> Callable[[list[tuple[list[int], int]]], dict]:
     """A run of our engine over prompts, one request at a time; returns tokens, seconds, passes, proposed, accepted,
     the token ids, and the trace of each verify step (n-gram and draft)."""
     speculative = None if method == "none" else SpeculativeConfig(method, k, draft_model=str(draft) if method == "draft" else None)
-    generator = Generator.from_pretrained(str(model_path("target")), max_batch=1, prefix_cache_mb=0, speculative=speculative)
+    quantize = {"quantize": precision} if precision != "fp32" else {}
+    generator = Generator.from_pretrained(str(model_path("target")), max_batch=1, prefix_cache_mb=0, speculative=speculative,
+                                          **quantize)
 
     def once(prompts: list[tuple[list[int], int]]) -> dict:
         out = {"tokens": 0, "seconds": 0.0, "passes": 0, "proposed": 0, "accepted": 0, "ids": [], "traces": []}
@@ -168,15 +172,17 @@ def transformers_runner(draft: Path, **kwargs) -> Callable[[list[tuple[list[int]
     return once
 
 
-def ctranslate2_runner(threads: int) -> Callable[[list[tuple[list[int], int]]], dict]:
+def ctranslate2_runner(threads: int, precision: str) -> Callable[[list[tuple[list[int], int]]], dict]:
     import ctranslate2
 
-    folder = model_path("target").parent / "target-ct2-fp32"
+    folder = model_path("target").parent / f"target-ct2-{precision}"
+    quantization = {"fp32": "float32", "int8": "int8"}[precision]
     if not (folder / "model.bin").exists():
         from ctranslate2.converters import TransformersConverter
 
-        TransformersConverter(str(model_path("target"))).convert(str(folder), quantization="float32", force=True)
-    generator = ctranslate2.Generator(str(folder), device="cpu", compute_type="float32", intra_threads=threads, inter_threads=1)
+        TransformersConverter(str(model_path("target"))).convert(str(folder), quantization=quantization, force=True)
+    generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=quantization, intra_threads=threads,
+                                      inter_threads=1)
     vocab = json.loads((folder / "vocabulary.json").read_text())
     index = {token: i for i, token in enumerate(vocab)}
 
@@ -209,10 +215,14 @@ def main() -> None:
     parser.add_argument("--per-file", type=int, default=2, help="complete: cursor points per held-out file")
     parser.add_argument("--prompt-tokens", type=int, default=368, help="complete: prompt length")
     parser.add_argument("--edits", type=int, default=16, help="edit: functions")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "speculate-trained.json")
-    parser.add_argument("--traces", type=Path, default=ROOT / "bench" / "out" / "speculate" / "traces.json",
-                        help="where the n-gram traces on `complete` go (for bench/speculate.py)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    parser.add_argument("--json", type=Path, help="default: bench/out/speculate-trained[-int8].json")
+    parser.add_argument("--traces", type=Path, help="where the n-gram traces on `complete` go, for bench/speculate.py "
+                        "(default: bench/out/speculate/traces[-int8].json)")
     args = parser.parse_args()
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    args.json = args.json or ROOT / "bench" / "out" / f"speculate-trained{suffix}.json"
+    args.traces = args.traces or model_path("target").parent / f"traces{suffix}.json"
     torch.set_num_threads(args.threads)
     build(["target", "draft"])
     from codegen_lm.tokenizer import AutoTokenizer
@@ -229,15 +239,15 @@ def main() -> None:
     systems: dict[str, Callable] = {}
     for text in args.methods.split(","):
         method, k = parse_method(text)
-        systems[text if method != "none" else "none"] = ours(method, k, draft)
+        systems[text if method != "none" else "none"] = ours(method, k, draft, args.precision)
     peers = [p for p in args.peers.split(",") if p]
-    if "transformers" in peers:
+    if "transformers" in peers and args.precision == "fp32":
         systems["transformers"] = transformers_runner(draft)
         systems[f"transformers prompt lookup k={args.k}"] = transformers_runner(draft, prompt_lookup_num_tokens=args.k)
         systems[f"transformers assistant=draft k={args.k}"] = transformers_runner(
             draft, assistant=True, num_assistant_tokens=args.k, num_assistant_tokens_schedule="constant")
     if "ctranslate2" in peers:
-        systems["ctranslate2 fp32"] = ctranslate2_runner(args.threads)
+        systems[f"ctranslate2 {args.precision}"] = ctranslate2_runner(args.threads, args.precision)
     for system in systems.values():  # warm-up
         system([tasks[next(iter(tasks))][0]])
 
@@ -250,7 +260,7 @@ def main() -> None:
                     samples[(task, name)].append(system(prompts))
                     bar.advance(handle)
 
-    report = {"cpu": cpu_summary(), "threads": args.threads, "load_end": load_average(), "tasks": {}}
+    report = {"cpu": cpu_summary(), "threads": args.threads, "precision": args.precision, "load_end": load_average(), "tasks": {}}
     for task, prompts in tasks.items():
         base_ids = samples[(task, "none")][0]["ids"]
         rows = {}
