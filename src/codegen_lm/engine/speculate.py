@@ -18,12 +18,11 @@ target's. Only kept tokens are ever appended, so streams never take text back an
 trace in any cache (a row's keys count only up to its kept tokens).
 
 Speculation adapts: a sequence whose proposals keep failing (twice in a row for n-gram lookup, once for a draft
-model or after an earlier pause) stops proposing for a while (the pause grows fourfold each time it fails again),
-and a step proposes only while the batch leaves room under ``max_step_tokens``, past which a step is bound by
-compute rather than by reading the weights and extra tokens are no longer nearly free. A draft model's proposals
-cost a draft step each, so their length follows what the last verify step kept (one more than the kept run after a
-rejection, two more after a full acceptance, up to ``num_tokens``); n-gram proposals are free and always go up to
-``num_tokens``.
+model) stops proposing for a while (the pause grows fourfold each time it fails again), and a step proposes only
+while the batch leaves room under ``max_step_tokens``, past which a step is bound by compute rather than by reading
+the weights and extra tokens are no longer nearly free. A draft model's proposals cost a draft step each, so their
+length follows what the last verify step kept (one more than the kept run after a rejection, two more after a full
+acceptance, up to ``num_tokens``); n-gram proposals are free and always go up to ``num_tokens``.
 """
 
 from __future__ import annotations
@@ -40,10 +39,9 @@ METHODS = ("ngram", "draft", "self-int4", "self-int8")
 # Tokens one step may carry before extra ones stop being nearly free (the step turns compute-bound). CPU: measured on
 # the 350M shape with 2 threads (bench/speculate.py, docs/benchmarks.md); CUDA: not measured here.
 DEFAULT_MAX_STEP_TOKENS = {"cpu": 16, "cuda": 256}
-# Verify steps in a row that keep nothing before a pause: two for n-gram proposals (they cost only their
-# verification) while they held lately; one for a draft model's (they cost its steps too) and for a sequence paused
-# before without keeping a token since (its first try after the pause is a probe).
-FAILURES_BEFORE_PAUSE = 2
+# Verify steps in a row that keep nothing before a pause: n-gram proposals cost only their verification; a draft
+# model's cost its own steps as well, so one failure pauses it.
+FAILURES_BEFORE_PAUSE = {"ngram": 2, "draft": 1}
 # Steps without proposals after such failures: 4, then 4x longer each time they fail again (a proposer that never
 # holds, such as an unrelated draft, then costs under 5 %: bench/speculate.py), back to 4 after any kept token.
 FIRST_PAUSE, PAUSE_GROWTH, LONGEST_PAUSE = 4, 4, 64
@@ -251,8 +249,7 @@ class Speculator:
             state.failures, state.next_pause = 0, FIRST_PAUSE
         else:
             state.failures += 1
-            probing = self.draft is not None or state.next_pause > FIRST_PAUSE
-            if state.failures >= (1 if probing else FAILURES_BEFORE_PAUSE):
+            if state.failures >= FAILURES_BEFORE_PAUSE["ngram" if self.draft is None else "draft"]:
                 state.pause, state.failures = state.next_pause, 0
                 state.next_pause = min(PAUSE_GROWTH * state.next_pause, LONGEST_PAUSE)
         if state.draft_row is not None:  # the draft saw the sequence's tokens, then its own proposals
