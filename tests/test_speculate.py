@@ -132,7 +132,7 @@ def test_int8_target_with_an_int8_self_draft_and_int4(tmp_path):
             assert got.proposed_tokens > 0
 
 
-def test_the_adaptive_switch_pauses_a_failing_proposer_and_a_full_batch(target, draft):
+def test_the_adaptive_switch_pauses_a_failing_proposer_and_a_full_batch(target, draft, monkeypatch):
     spec = Generator(target, None, speculative=SpeculativeConfig("draft", K, draft_model="random"), draft=draft)
     [completion] = run(spec, [PROMPTS[1]], max_new_tokens=100)
     # A draft's failed verify step pauses proposing for 4, 16, 64 steps: 4 tries in 100 tokens, not one per token;
@@ -140,6 +140,14 @@ def test_the_adaptive_switch_pauses_a_failing_proposer_and_a_full_batch(target, 
     # tokens in all (K + 7 when two failures in a row made a pause, as for n-gram lookup; 8 * K with proposals of
     # fixed length).
     assert completion.accepted_tokens <= 2 and completion.proposed_tokens <= K + 3 + 2 * completion.accepted_tokens
+    # n-gram proposals that never hold (each token off by one from what the model says): two failures in a row
+    # pause the sequence for 4, 16, 64 steps: 8 tries of K tokens in 100 (free to propose, they keep probing twice).
+    [truth] = run(Generator(target, None), [PROMPTS[1]], max_new_tokens=100)
+    monkeypatch.setattr(Speculator, "_ngram", lambda self, seq, count: [
+        (t + 1) % 1000 for t in truth.token_ids[len(seq.token_ids) : len(seq.token_ids) + count]])
+    [completion] = run(Generator(target, None, speculative=SpeculativeConfig("ngram", K)), [PROMPTS[1]], max_new_tokens=100)
+    assert completion.token_ids == truth.token_ids
+    assert completion.accepted_tokens == 0 and completion.proposed_tokens == 8 * K
     perfect = Generator(target, None, speculative=SpeculativeConfig("draft", K, draft_model="itself"), draft=target)
     [completion] = run(perfect, [PROMPTS[1]], max_new_tokens=100)  # a draft that always holds keeps proposing K
     passes = 1 + -(-99 // (K + 1))  # the prefill's token, then K + 1 tokens per verify step
