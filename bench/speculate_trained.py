@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from machine import cpu_summary
-from speculate import Recorder, load_average, peak_rss_gb, progress, run
+from speculate import Recorder, ct2_folder, load_average, peak_rss_gb, progress, run
 from speculate_models import HELD_OUT, STDLIB, build, model_path
 
 import torch  # noqa: E402  (speculate imported codegen_lm first)
@@ -175,14 +175,9 @@ def transformers_runner(draft: Path, **kwargs) -> Callable[[list[tuple[list[int]
 def ctranslate2_runner(threads: int, precision: str) -> Callable[[list[tuple[list[int], int]]], dict]:
     import ctranslate2
 
-    folder = model_path("target").parent / f"target-ct2-{precision}"
-    quantization = {"fp32": "float32", "int8": "int8"}[precision]
-    if not (folder / "model.bin").exists():
-        from ctranslate2.converters import TransformersConverter
-
-        TransformersConverter(str(model_path("target"))).convert(str(folder), quantization=quantization, force=True)
-    generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=quantization, intra_threads=threads,
-                                      inter_threads=1)
+    folder = ct2_folder(model_path("target"), precision)
+    generator = ctranslate2.Generator(str(folder), device="cpu", compute_type={"fp32": "float32", "int8": "int8"}[precision],
+                                      intra_threads=threads, inter_threads=1)
     vocab = json.loads((folder / "vocabulary.json").read_text())
     index = {token: i for i, token in enumerate(vocab)}
 

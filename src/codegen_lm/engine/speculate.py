@@ -42,8 +42,9 @@ DEFAULT_MAX_STEP_TOKENS = {"cpu": 16, "cuda": 256}
 # Verify steps in a row that keep nothing before a pause: n-gram proposals cost only their verification; a draft
 # model's cost its own steps as well, so one failure pauses it.
 FAILURES_BEFORE_PAUSE = {"ngram": 2, "draft": 1}
-# Steps without proposals after such failures: 4, then 4x longer each time they fail again (a proposer that never
-# holds, such as an unrelated draft, then costs under 5 %: bench/speculate.py), back to 4 after any kept token.
+# Steps without proposals after such failures: 4, then 4x longer each time they fail again, back to 4 after any kept
+# token. A proposer that never holds, such as an unrelated draft, then costs 6-7 % of a 64-token completion on the
+# 350M shape with 2 CPU threads, about 2 % over long ones (bench/speculate.py, docs/benchmarks.md).
 FIRST_PAUSE, PAUSE_GROWTH, LONGEST_PAUSE = 4, 4, 64
 
 
