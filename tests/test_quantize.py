@@ -437,13 +437,87 @@ def test_packed_fp32_model_matches_the_plain_one(fp32_model, tmp_path):
         prepare_for_inference(packed, "int8")
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_onednn_weight_layouts_compute_what_f_linear_does(packed):
+@pytest.mark.parametrize("layout", list(kernels.FP32_LAYOUTS))
+def test_onednn_weight_layouts_compute_what_f_linear_does_padded_or_not(layout):
+    if layout not in kernels.fp32_layouts():
+        pytest.skip(f"oneDNN's {layout} layout does not run here")
     linear = make_linear()
     x = torch.randn(70, 256)
+    as_is = OneDNNLinear(linear, kernels.Fp32Plan(layout))
+    padded = OneDNNLinear(linear, kernels.Fp32Plan(layout, min_rows=5))
     with torch.no_grad():
-        for rows in (1, 8, 70):  # oneDNN picks other kernels for few and many rows
-            torch.testing.assert_close(OneDNNLinear(linear, packed=packed)(x[:rows]), linear(x[:rows]), atol=1e-5, rtol=1e-5)
+        for rows in (*range(1, 10), 64, 70):  # oneDNN picks other kernels for one, few and many rows
+            torch.testing.assert_close(as_is(x[:rows]), linear(x[:rows]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(padded(x[:rows]), linear(x[:rows]), atol=1e-5, rtol=1e-5)
+            if rows >= 2:  # from two rows on, the rows beside a row change none of its bits: padding changes nothing
+                assert torch.equal(padded(x[:rows]), as_is(x[:rows])) and torch.equal(as_is(x[:rows])[:2], as_is(x[:2]))
+        y = padded(x[:1, None].expand(1, 3, 256))  # leading dimensions kept
+    assert y.shape == (1, 3, 384)
+
+
+def test_fp32_plan_pads_few_rows_only_where_that_gains_and_picks_the_layout_that_loses_least():
+    rows = kernels.FP32_ROWS
+    big = [100.0, 800.0]
+    # "a": fastest at one row, slow from two; "b": slower at one row, fast from three
+    times = {"a": [10.0] + [20.0] * 7 + big, "b": [13.0, 12.0] + [11.0] * 6 + big}
+    plan = kernels.choose_fp32(times, rows)
+    assert plan == kernels.Fp32Plan("b", min_rows=3) and plan.describe() == "b; 1-2 rows run as 3"
+    # the smallest count within 5 % of the fastest; none when it gains under 5 % on one row
+    times["b"][4] = 10.6
+    assert kernels.choose_fp32(times, rows).min_rows == 3
+    times["b"][4] = 10.0
+    assert kernels.choose_fp32(times, rows).min_rows == 5
+    assert kernels.choose_fp32({"a": [10.0] * 8 + big, "b": [10.4] + [10.0] * 7 + big}, rows) == kernels.Fp32Plan("a")
+    assert kernels.choose_fp32({"b": [10.4] + [10.0] * 7 + big}, rows) == kernels.Fp32Plan("b")
+    # an equal score goes to the layout listed first
+    assert kernels.choose_fp32({"a": [5.0] * 10, "b": [5.0] * 10}, rows).layout == "a"
+    # many rows count too: a layout fast at few rows but 3x slower at 64 and 512 loses
+    assert kernels.choose_fp32({"a": [10.0] * 8 + big, "b": [9.0] * 8 + [300.0, 2400.0]}, rows).layout == "a"
+    # an LM head is timed and judged at the few-row counts only
+    assert kernels.choose_fp32({"a": [10.0] * 8, "b": [9.0] * 8}, rows[:8]).layout == "b"
+    assert kernels.Fp32Plan("x", 2).describe() == "x; 1 row run as 2" and kernels.Fp32Plan("x").describe() == "x"
+
+
+def test_fp32_plans_are_measured_once_cached_forced_and_refused(monkeypatch, fresh_chooser):
+    if not kernels.fp32_layouts():
+        pytest.skip("oneDNN's fp32 matmul does not run here")
+    monkeypatch.setattr(kernels, "busy_cpus", lambda: 0.0)
+    calls = []
+    real = kernels.measure_fp32
+    monkeypatch.setattr(kernels, "measure_fp32", lambda n, k, head=False: calls.append((n, k, head)) or real(n, k, head))
+    plan = kernels.fp32_plan(96, 64)
+    assert calls == [(96, 64, False)] and plan.layout in kernels.fp32_layouts()
+    assert 1 <= plan.min_rows <= kernels.FP32_FEW_ROWS
+    path, key = kernels.cache_file(), kernels.plan_key(96, 64, precision="fp32")
+    data = json.loads(path.read_text())
+    assert data["plans"][key]["layout"] == plan.layout and data["plans"][key]["min_rows"] == plan.min_rows
+    assert set(data["plans"][key]["microseconds"]) == set(kernels.fp32_layouts())
+
+    def new_process() -> kernels.Fp32Plan:
+        monkeypatch.setattr(kernels, "_PLANS", {})
+        return kernels.fp32_plan(96, 64)
+
+    assert new_process() == plan and len(calls) == 1  # read, not timed again
+    data["plans"][key] |= {"layout": "row-major", "min_rows": 4}  # whatever the file says runs
+    path.write_text(json.dumps(data))
+    assert new_process() == kernels.Fp32Plan("row-major", 4) and len(calls) == 1
+    for broken in ({"min_rows": 0}, {"min_rows": 9}, {"min_rows": "4"}, {"layout": "blocked-64"}, {"rows": [1, 8]}):
+        path.write_text(json.dumps({**data, "plans": {key: {**data["plans"][key], **broken}}}))
+        before = len(calls)
+        new_process()
+        assert len(calls) == before + 1, broken  # timed again
+    kernels.fp32_plan(96, 64, head=True)
+    assert calls[-1] == (96, 64, True)  # the head is its own plan
+
+    monkeypatch.setenv(kernels.FP32_FORCE_ENV, kernels.fp32_layouts()[-1])
+    assert new_process() == kernels.Fp32Plan(kernels.fp32_layouts()[-1])  # forced: that layout, unpadded
+    monkeypatch.setenv(kernels.FP32_FORCE_ENV, "blocked-3")
+    with pytest.raises(ValueError, match="CODEGEN_LM_FP32_LAYOUT=blocked-3 is not an fp32 layout; use one of blocked-1"):
+        new_process()
+    monkeypatch.setattr(kernels, "fp32_layouts", lambda: ("row-major",))
+    monkeypatch.setenv(kernels.FP32_FORCE_ENV, "blocked-8")
+    with pytest.raises(ValueError, match="blocked-8 does not run on this machine; use one of row-major, or unset it"):
+        new_process()
 
 
 def test_fused_projections_compute_what_the_four_do(fp32_model):
@@ -509,8 +583,10 @@ def test_loading_for_inference_peaks_near_the_final_size(tmp_path, mode, safe):
     model.save_pretrained(tmp_path / "m", safe_serialization=safe)
     build_model().save_pretrained(tmp_path / "tiny")
     weights = sum(f.stat().st_size for f in (tmp_path / "m").glob("*model*"))  # 135 MB
-    # One kernel forced, so that no timing of kernels (a first load's) counts: every storage holds one int8 copy.
-    env = dict(os.environ, **{kernels.FORCE_ENV: kernels.available_kernels()[0]})
+    # One kernel and one fp32 layout forced, so that no timing of kernels (a first load's) counts: every storage
+    # holds one copy.
+    env = dict(os.environ, **{kernels.FORCE_ENV: kernels.available_kernels()[0]},
+               **{kernels.FP32_FORCE_ENV: layouts[0] for layouts in [kernels.fp32_layouts()] if layouts})
     command = [sys.executable, "-c", LOAD_MEMORY, str(tmp_path / "m"), str(tmp_path / "tiny"), mode]
     peak, resident = map(int, subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split())
     print(f"{mode or 'fp32'}: load peak +{peak / 1e6:.0f} MB, resident +{resident / 1e6:.0f} MB, weights {weights / 1e6:.0f} MB"

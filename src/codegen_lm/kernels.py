@@ -1,14 +1,15 @@
-"""Which int8 GEMM runs each linear layer on this CPU: chosen by measurement, once per machine.
+"""Which GEMM runs each linear layer on this CPU: chosen by measurement, once per machine.
 
-CPU flags do not predict the fastest int8 kernel: fbgemm's and oneDNN's GEMMs trade places with the vendor, the
-ISA and the number of rows (docs/benchmarks.md), and on aarch64 there is no fbgemm at all. So the first time a
-layer shape is prepared on a machine, every kernel available here is timed on random weights of that shape at a few
-row counts (``ROW_BUCKETS``: decoding one or a few rows, prefilling many), and the plan is kept in
-``$CODEGEN_LM_CACHE`` (default ``$XDG_CACHE_HOME/codegen_lm``, else ``~/.cache/codegen_lm``) under ``kernels/``,
-one file per CPU model and flags and torch version, keyed by shape and thread count: later loads read it and time
-nothing. A file that cannot be read, or that names another CPU or torch, is ignored and rewritten.
+CPU flags do not predict the fastest kernel: fbgemm's and oneDNN's int8 GEMMs trade places with the vendor, the
+ISA and the number of rows, oneDNN's fp32 layouts with the number of rows (docs/benchmarks.md), and on aarch64
+there is no fbgemm at all. So the first time a layer shape is prepared on a machine, every candidate available
+here is timed on random weights of that shape at a few row counts (decoding one or a few rows, prefilling many),
+and the plan is kept in ``$CODEGEN_LM_CACHE`` (default ``$XDG_CACHE_HOME/codegen_lm``, else
+``~/.cache/codegen_lm``) under ``kernels/``, one file per CPU model and flags and torch version, keyed by precision,
+shape and thread count: later loads read it and time nothing. A file that cannot be read, or that names another CPU
+or torch, is ignored and rewritten.
 
-Each layer keeps **one** copy of its weights, in the layout of one *storage*; a plan picks the storage and, for
+**int8.** Each layer keeps **one** copy of its weights, in the layout of one *storage*; a plan picks the storage and, for
 each row range, the fastest kernel that reads it. Storages and the kernels on them:
 
 * ``fbgemm`` (x86): fbgemm's packed matrix, run by ``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``.
@@ -34,6 +35,17 @@ GEMM saved even at 2048 rows: 98 against 126 ms).
 
 ``CODEGEN_LM_INT8_KERNEL=<kernel>`` forces one kernel for every layer and row count (debugging, A/B runs); it
 fails with the list of kernels available here when that one is not.
+
+**fp32.** oneDNN's matmul (``mkldnn._linear_pointwise``) over one copy of the weight, row-major or reordered into
+the blocked layout oneDNN prefers for a batch hint (``FP32_LAYOUTS``). The layouts trade places with the row count:
+on an AVX-512 EPYC (2 threads, 350M shapes) the batch-1 layout is the fastest at one row but takes 1.5-1.9x as long
+for 2-9 rows, while the batch-8 layout runs 3-8 rows as fast as the batch-1 layout runs one. That matters for
+speculative decoding, whose verify steps carry k + 1 rows per sequence. So the plan also says the fewest rows a
+product runs at: padding one row with zeros up to the layout's fastest few-row kernel costs nothing but arithmetic
+that was free anyway (decoding is bound by reading the weights). From two rows on, a row's
+output does not depend on how many rows run beside it (checked bit for bit in the tests), so padding two or more
+rows changes no result; one row may run another kernel and round differently (about 1e-6 relative), as a batch of
+one always could. ``CODEGEN_LM_FP32_LAYOUT=<layout>`` forces one layout, without padding.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 FORCE_ENV = "CODEGEN_LM_INT8_KERNEL"
+FP32_FORCE_ENV = "CODEGEN_LM_FP32_LAYOUT"
 ROW_BUCKETS = (1, 8, 64, 512)  # timed row counts; a layer with r rows runs the kernel of the largest bucket <= r
 CACHE_FORMAT = 1
 _COLD_BYTES = 32 << 20  # few-row timings cycle through this much weight, so that it comes from memory, as in decoding
@@ -125,7 +138,7 @@ def cache_root() -> Path:
 
 def cache_file() -> Path:
     digest = hashlib.sha256(cpu_identity().encode()).hexdigest()[:16]
-    return cache_root() / "kernels" / f"int8-{digest}.json"
+    return cache_root() / "kernels" / f"gemm-{digest}.json"
 
 
 # --- storages and kernels -------------------------------------------------------------------------------------
@@ -316,11 +329,33 @@ def _forced() -> Plan | None:
     return Plan.single(name)
 
 
-_PLANS: dict[tuple[Path, str], Plan] = {}  # this process's plans (read or measured), by cache file and plan key
+_PLANS: dict[tuple[Path, str], Any] = {}  # this process's plans (read or measured), by cache file and plan key
 
 
-def plan_key(n: int, k: int, head: bool = False) -> str:
-    return f"{n}x{k}{' head' if head else ''} threads {torch.get_num_threads()}"
+def plan_key(n: int, k: int, head: bool = False, precision: str = "int8") -> str:
+    prefix = "" if precision == "int8" else f"{precision} "
+    return f"{prefix}{n}x{k}{' head' if head else ''} threads {torch.get_num_threads()}"
+
+
+def _cached_plan(key: str, what: str, from_entry: Callable[[Any], Any], timed: Callable[[], tuple[Any, dict[str, Any]]]) -> Any:
+    """The plan under ``key``: this process's, else the cache file's (``from_entry``: None when unusable), else
+    measured now (``timed``: the plan and the entry to keep) and written to the file."""
+    if (cache_file(), key) not in _PLANS:
+        entry = _read_cache().get(key)
+        timed_busy = isinstance(entry, dict) and entry.get("busy", 0) > _BUSY and busy_cpus() <= _BUSY
+        plan = None if timed_busy else from_entry(entry)
+        if plan is None:
+            started, busy = time.perf_counter(), busy_cpus()
+            if busy > _BUSY:
+                # (info, not a warning: a user's command, an error above all, should not gain a line from it)
+                log.info("timing %s while other work keeps %.0f%% of the CPUs busy: the choice may be off, "
+                         "and will be timed again once the machine is quiet", what, 100 * busy)
+            plan, entry = timed()
+            log.info("%s for %s on this CPU: %s (timed in %.1f s, kept in %s)", what, key, plan.describe(),
+                     time.perf_counter() - started, cache_file())
+            _write_cache(key, {**entry, "busy": round(busy, 2)})
+        _PLANS[cache_file(), key] = plan
+    return _PLANS[cache_file(), key]
 
 
 def int8_plan(n: int, k: int, head: bool = False) -> Plan:
@@ -328,23 +363,11 @@ def int8_plan(n: int, k: int, head: bool = False) -> Plan:
     measured now."""
     if (forced := _forced()) is not None:
         return forced
-    key = plan_key(n, k, head)
-    if (cache_file(), key) not in _PLANS:
-        entry = _read_cache().get(key)
-        plan = _plan_from_entry(entry)
-        if plan is None:
-            started, busy = time.perf_counter(), busy_cpus()
-            if busy > _BUSY:
-                # (info, not a warning: a user's command, an error above all, should not gain a line from it)
-                log.info("timing int8 kernels while other work keeps %.0f%% of the CPUs busy: the choice may be off, "
-                         "and will be timed again once the machine is quiet", 100 * busy)
-            plan, timings = measure(n, k, head)
-            log.info("int8 kernels for %s on this CPU: %s (timed in %.1f s, kept in %s)", key, plan.describe(),
-                     time.perf_counter() - started, cache_file())
-            _write_cache(key, {"storage": plan.storage, "kernels": list(plan.kernels), "rows": list(ROW_BUCKETS),
-                               "busy": round(busy, 2), "microseconds": timings})
-        _PLANS[cache_file(), key] = plan
-    return _PLANS[cache_file(), key]
+
+    def timed() -> tuple[Plan, dict[str, Any]]:
+        plan, timings = measure(n, k, head)
+        return plan, {"storage": plan.storage, "kernels": list(plan.kernels), "rows": list(ROW_BUCKETS), "microseconds": timings}
+    return _cached_plan(plan_key(n, k, head), "int8 kernels", _plan_from_entry, timed)
 
 
 def busy_cpus() -> float:
@@ -357,14 +380,12 @@ def busy_cpus() -> float:
 
 
 def _plan_from_entry(entry: Any) -> Plan | None:
-    """A cached plan, if it is well formed, its kernels still run here, and it was not timed on a busy machine while
-    this one is quiet (other processes' threads slow some kernels far more than others: kernels that synchronize
-    their threads wait for a descheduled one at every call)."""
+    """A cached int8 plan, if it is well formed and its kernels still run here. (Plans timed on a busy machine are
+    timed again once it is quiet: other processes' threads slow some kernels far more than others, since kernels
+    that synchronize their threads wait for a descheduled one at every call.)"""
     try:
         storage, kernels = entry["storage"], tuple(entry["kernels"])
         if entry["rows"] != list(ROW_BUCKETS) or len(kernels) != len(ROW_BUCKETS):
-            return None
-        if entry.get("busy", 0) > _BUSY and busy_cpus() <= _BUSY:
             return None
         if storage not in STORAGES or any(name not in available_kernels() or KERNELS[name].storage != storage for name in kernels):
             return None
@@ -476,3 +497,147 @@ def choose(times: dict[str, list[float]], scored: list[int] | None = None) -> Pl
         storage = max(by_storage, key=lambda s: sum(not math.isinf(t) for t, _ in by_storage[s]))
     names = [name for _, name in by_storage[storage]]
     return Plan(storage, tuple(names))
+
+
+# --- fp32: oneDNN's layouts, and the rows few-row products run at ---------------------------------------------
+
+# oneDNN's blocked layout as reordered for that batch hint, or the row-major matrix as it is (None); ties in the
+# timings go to the layout listed first
+FP32_LAYOUTS: dict[str, int | None] = {"blocked-1": 1, "blocked-8": 8, "row-major": None}
+FP32_FEW_ROWS = 8  # the most rows a product may be padded to
+FP32_ROWS = (*range(1, FP32_FEW_ROWS + 1), 64, 512)  # timed row counts (an LM head: the few-row ones only)
+_PAD_GAIN = 0.95  # few rows run padded only where that is at least 5 % faster than one row
+_SLOW_CALL = 1.0  # seconds: a row count whose calls took longer is timed for 2 rounds, not _ROUNDS
+
+
+def fp32_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """``weight`` in ``layout``: an opaque oneDNN tensor for a blocked one, the dense matrix for ``row-major``."""
+    hint = FP32_LAYOUTS[layout]
+    weight = weight.detach()
+    return weight.contiguous() if hint is None else torch.ops.mkldnn._reorder_linear_weight(weight, hint)
+
+
+def fp32_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[rows, in]`` times a ``fp32_weight`` (oneDNN's matmul; inductor lowers this op to the same call, for
+    weights it treats as constants, when the decode step is compiled with freezing)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@dataclass(frozen=True)
+class Fp32Plan:
+    """A layer shape's fp32 layout, and the fewest rows a product runs at (fewer are padded with zeros)."""
+
+    layout: str
+    min_rows: int = 1
+
+    def describe(self) -> str:
+        """``blocked-8; 1-4 rows run as 5``"""
+        if self.min_rows == 1:
+            return self.layout
+        fewer = "1 row" if self.min_rows == 2 else f"1-{self.min_rows - 1} rows"
+        return f"{self.layout}; {fewer} run as {self.min_rows}"
+
+
+@functools.cache
+def fp32_layouts() -> tuple[str, ...]:
+    """The layouts oneDNN's fp32 matmul runs correctly on this machine (checked on a small layer)."""
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(48, 64, generator=generator), torch.randn(5, 64, generator=generator)
+    usable = []
+    for layout in FP32_LAYOUTS:
+        try:
+            error = float((fp32_gemm(x, fp32_weight(weight, layout)) - F.linear(x, weight)).norm() / F.linear(x, weight).norm())
+        except Exception as e:  # unsupported on this ISA or build
+            log.info("fp32 layout %s is not usable here: %s", layout, error_summary(e))
+            continue
+        if error < 1e-4:
+            usable.append(layout)
+        else:
+            log.info("fp32 layout %s is not usable here: relative error %.2g against F.linear", layout, error)
+    return tuple(usable)
+
+
+def fp32_plan(n: int, k: int, head: bool = False) -> Fp32Plan:
+    """The plan for an ``n`` x ``k`` (out x in) fp32 layer on this CPU (``head``: the LM head, which sees a few
+    rows): forced by ``CODEGEN_LM_FP32_LAYOUT``, cached, or measured now."""
+    if forced := os.environ.get(FP32_FORCE_ENV):
+        if forced not in fp32_layouts():
+            known = "does not run on this machine" if forced in FP32_LAYOUTS else "is not an fp32 layout"
+            raise ValueError(f"{FP32_FORCE_ENV}={forced} {known}; use one of {', '.join(fp32_layouts())}, or unset it")
+        return Fp32Plan(forced)
+
+    def timed() -> tuple[Fp32Plan, dict[str, Any]]:
+        plan, timings = measure_fp32(n, k, head)
+        return plan, {"layout": plan.layout, "min_rows": plan.min_rows, "rows": list(FP32_ROWS), "microseconds": timings}
+    return _cached_plan(plan_key(n, k, head, "fp32"), "fp32 layouts", _fp32_plan_from_entry, timed)
+
+
+def _fp32_plan_from_entry(entry: Any) -> Fp32Plan | None:
+    """A cached fp32 plan, if it is well formed and its layout still runs here."""
+    try:
+        layout, min_rows = entry["layout"], entry["min_rows"]
+        if entry["rows"] != list(FP32_ROWS) or layout not in fp32_layouts():
+            return None
+        if not isinstance(min_rows, int) or not 1 <= min_rows <= FP32_FEW_ROWS:
+            return None
+        return Fp32Plan(layout, min_rows)
+    except (TypeError, KeyError):
+        return None
+
+
+def measure_fp32(n: int, k: int, head: bool = False) -> tuple[Fp32Plan, dict[str, list[float]]]:
+    """Time every usable layout on random ``n`` x ``k`` weights at each of ``FP32_ROWS`` (an LM ``head`` at the
+    few-row ones), interleaved round by round, and pick the plan (``choose_fp32``). Returns it and each layout's
+    best time per row count in microseconds."""
+    generator = torch.Generator().manual_seed(0)
+    copies = max(1, min(8, math.ceil(_COLD_BYTES / (4 * n * k))))
+    matrices = [torch.randn(n, k, generator=generator) for _ in range(copies)]
+    weights = {layout: [fp32_weight(m, layout) for m in matrices] for layout in fp32_layouts()}
+    del matrices
+    if not weights:
+        raise RuntimeError("oneDNN's fp32 matmul does not run on this machine")
+    rows = tuple(r for r in FP32_ROWS if not head or r <= FP32_FEW_ROWS)
+    times: dict[str, list[float]] = {layout: [] for layout in weights}
+    for count in rows:
+        x = torch.randn(count, k, generator=generator)
+        cycle = copies if count <= FP32_FEW_ROWS else 1
+        best, spent = dict.fromkeys(weights, math.inf), dict.fromkeys(weights, 0.0)
+        round_ = 0  # round 0 warms up, as for int8 (``measure``); slow row counts stop after 2 timed rounds
+        while ((round_ <= _ROUNDS and not (round_ > 2 and min(spent.values()) > _SLOW_CALL))
+               or (round_ < _MAX_ROUNDS and min(spent.values()) < _MIN_SECONDS)):
+            for layout, ws in weights.items():
+                start = time.perf_counter()
+                for w in ws[:cycle]:
+                    fp32_gemm(x, w)
+                if round_:
+                    elapsed = time.perf_counter() - start
+                    best[layout], spent[layout] = min(best[layout], elapsed / cycle), spent[layout] + elapsed
+            round_ += 1
+        for layout in weights:
+            times[layout].append(best[layout])
+    return choose_fp32(times, rows), {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
+
+
+def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...]) -> Fp32Plan:
+    """The plan from each layout's time per row count in ``rows`` (which start with 1..``FP32_FEW_ROWS``): per layout,
+    the fewest rows to run at, ``min_rows``: the smallest few-row count within 5 % of the layout's fastest few-row time,
+    where that is at least 5 % faster than one row (else 1); then the layout with the smallest geometric mean of (its
+    time / the fastest layout's) over ``rows``, a few-row count below ``min_rows`` costing what ``min_rows`` does.
+    Ties go to the layout listed first."""
+    few = [i for i, count in enumerate(rows) if count <= FP32_FEW_ROWS]
+
+    def min_rows(ts: list[float]) -> int:
+        fastest = min(ts[i] for i in few)
+        count = next(rows[i] for i in few if ts[i] <= fastest / _PAD_GAIN)
+        return count if ts[count - 1] < _PAD_GAIN * ts[0] else 1
+
+    def effective(ts: list[float]) -> list[float]:
+        least = min_rows(ts)
+        return [ts[max(rows[i], least) - 1] if i in few else ts[i] for i in range(len(rows))]
+
+    costs = {layout: effective(ts) for layout, ts in times.items()}
+    fastest = [min(c[i] for c in costs.values()) for i in range(len(rows))]
+    layout = min(times, key=lambda name: sum(math.log(t / f) for t, f in zip(costs[name], fastest)))
+    return Fp32Plan(layout, min_rows(times[layout]))

@@ -5,11 +5,12 @@ linear layer takes the fastest form measured for its precision on this device (d
 "Generation engine"). Batch-1 decoding reads every weight once per token, so fewer bytes per weight and fewer,
 larger matmuls are more tokens per second.
 
-* **fp32 on CPU**: oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), with the weights reordered once
-  into oneDNN's blocked layout on CPUs with AVX-512 and kept row-major elsewhere (``pack_fp32_weights``).
-  Measured on the 350M shape (2 threads, AMD EPYC): with AVX-512, PyTorch's default ``F.linear`` (MKL) reached
-  15 GB/s at batch 1 and 8 GB/s at batch 8, the blocked oneDNN kernel 28-31 and 24 GB/s; AVX2-only, MKL
-  reached half of oneDNN's speed at every batch size, and the row-major weight was as fast as the blocked one
+* **fp32 on CPU**: oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), the weights kept in the layout
+  that ``codegen_lm.kernels`` measured fastest for the shape on this CPU (row-major, or reordered once into a
+  blocked layout), few-row products padded to the row count that layout runs fastest (timed once per machine
+  and cached). Measured on the 350M shape (2 threads, AMD EPYC): with AVX-512, PyTorch's default ``F.linear``
+  (MKL) reached 15 GB/s at batch 1 and 8 GB/s at batch 8, the blocked oneDNN kernel 28-31 and 24 GB/s; AVX2-only,
+  MKL reached half of oneDNN's speed at every batch size, and the row-major weight was as fast as the blocked one
   at 1-8 rows and 1.3-1.5× faster from 64. Results differ from ``F.linear`` only by summation order (about 1e-6).
 * **int8**: weights per output channel (symmetric, [-127, 127]), one copy per layer, in the layout of the kernel
   that ``codegen_lm.kernels`` measured fastest for the layer's shape on this CPU (fbgemm's or oneDNN's int8 GEMM
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels import cpu_flags, has_vnni
+from .kernels import has_vnni
 from .model import refuse_to_save
 
 log = logging.getLogger(__name__)
@@ -251,40 +252,34 @@ class Int4Linear(nn.Module):
                 f"backend={self.backend}")
 
 
-def pack_fp32_weights() -> bool:
-    """Whether fp32 weights are reordered into oneDNN's blocked layout on this CPU, or kept row-major.
-
-    Measured (docs/benchmarks.md): with AVX-512 the blocked layout read weights at 28-31 GB/s at batch 1, MKL's
-    ``F.linear`` at 15. On an AVX2-only EPYC the same oneDNN primitive over the row-major weight matched the blocked
-    one at batch 1 and 8 and was 1.3-1.5× faster from 64 rows on (prefill), while MKL reached half of either."""
-    return "avx512f" in cpu_flags()
-
-
 class OneDNNLinear(nn.Module):
-    """``nn.Linear`` for CPU fp32 inference through oneDNN's matmul (``mkldnn._linear_pointwise``), its weight
-    reordered into oneDNN's blocked layout where that pays (``pack_fp32_weights``), else kept row-major."""
+    """``nn.Linear`` for CPU fp32 inference through oneDNN's matmul, its weight in the layout measured fastest for
+    its shape on this CPU, and products of fewer rows than that layout runs fastest padded with zero rows
+    (``codegen_lm.kernels.fp32_plan``, or ``plan`` when given)."""
 
-    def __init__(self, linear: nn.Linear, packed: bool | None = None, batch_hint: int = 1):
+    def __init__(self, linear: nn.Linear, plan: kernels.Fp32Plan | None = None, head: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = pack_fp32_weights() if packed is None else packed
-        weight = linear.weight.detach()
-        if self.packed:  # kept as a plain attribute, not a buffer: an opaque tensor cannot be saved or moved
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.plan = plan or kernels.fp32_plan(self.out_features, self.in_features, head)
+        weight = kernels.fp32_weight(linear.weight, self.plan.layout)
+        if weight.is_mkldnn:  # kept as a plain attribute, not a buffer: an opaque tensor cannot be saved or moved
+            self.weight = weight
         else:
-            self.register_buffer("weight", weight.contiguous(), persistent=False)
+            self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None, persistent=False)
         self._register_state_dict_hook(refuse_to_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # inductor lowers this op to the same oneDNN call, for weights it treats as constants: compiled with
-        # freezing (``generate.compiled_decode_step``), in either layout
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        rows, least = flat.shape[0], self.plan.min_rows
+        if least == 1 or not (torch.compiler.is_compiling() or rows < least):
+            return kernels.fp32_gemm(flat, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        # padded with zero rows up to ``least``; branch-free when compiled, where the row count may be symbolic
+        y = kernels.fp32_gemm(F.pad(flat, (0, 0, 0, torch.sym_max(least - rows, 0))), self.weight, self.bias)
+        return y[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        layout = "blocked" if self.packed else "row-major"
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn ({layout})"
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn ({self.plan.describe()})"
 
 
 def int4_group_size(linear: nn.Linear) -> int | None:
@@ -302,8 +297,8 @@ def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False) 
     if quantize:
         return Int8Linear(linear, head=head)
     weight = linear.weight
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return OneDNNLinear(linear)
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and kernels.fp32_layouts():
+        return OneDNNLinear(linear, head=head)
     return linear
 
 
@@ -329,7 +324,7 @@ def kernel_choices(model: nn.Module) -> dict[str, str]:
         elif isinstance(m, Int4Linear):
             choices[f"int4 {shape}"] = m.backend
         elif isinstance(m, OneDNNLinear):
-            choices[f"fp32 {shape}"] = "onednn " + ("blocked" if m.packed else "row-major")
+            choices[f"fp32 {shape}"] = "onednn " + m.plan.describe()
     return choices
 
 
