@@ -26,7 +26,8 @@ The checkpoint (random weights, official layout) and its CTranslate2 conversions
 TransformersConverter) are cached in --workdir. Our int8 kernels are chosen (timed once per machine and cached,
 ``codegen_lm.kernels``) before the rounds, so no timed process pays for that; the table is preceded by the kernel
 each kind of layer runs. A system ``ours@<kernel>`` is ours with that int8 kernel forced for every layer
-(``CODEGEN_LM_INT8_KERNEL``), for A/B runs of kernels side by side.
+(``CODEGEN_LM_INT8_KERNEL``), ``ours@<layout>`` with that fp32 layout (``CODEGEN_LM_FP32_LAYOUT``: blocked-1,
+blocked-8, row-major, none of them padded), for A/B runs side by side.
 """
 
 from __future__ import annotations
@@ -207,9 +208,11 @@ def copy_bandwidth() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
+    from codegen_lm.kernels import FP32_LAYOUTS
+
     system, _, kernel = args.system.partition("@")
     if kernel:
-        os.environ["CODEGEN_LM_INT8_KERNEL"] = kernel
+        os.environ["CODEGEN_LM_FP32_LAYOUT" if kernel in FP32_LAYOUTS else "CODEGEN_LM_INT8_KERNEL"] = kernel
     if not args.scenarios:  # only load: chooses (and caches) our kernels
         load_ours(args)
         return
@@ -281,9 +284,12 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             sys.exit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run on one, or drop --device")
+    from codegen_lm.kernels import FP32_LAYOUTS
+
     precisions = args.precisions.split(",")
     runs = [(s, p) for p in precisions for s in args.systems.split(",")  # ours@<int8 kernel>: quantized only
-            if s.partition("@")[0] in SYSTEMS[p] and ("@" not in s or p in ("int8", "int4"))]
+            if s.partition("@")[0] in SYSTEMS[p]
+            and ("@" not in s or (p == "fp32") == (s.partition("@")[2] in FP32_LAYOUTS))]
     samples = measure(runs, args)
     medians = summarize(samples)
     print_table(medians, precisions)
