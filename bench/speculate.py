@@ -10,11 +10,18 @@ Each precision runs in one process; the rounds interleave every variant of a par
 rounds. Random weights cannot show acceptance honestly (an untrained model's greedy text repeats one token, which
 flatters n-gram lookup), so acceptance here is controlled, and every such figure is labelled simulated.
 
+In fp32 two copies of the model are loaded, as users get them: one for plain decoding and one in the layouts made
+for verify steps (``Generator.from_pretrained(..., speculative=...)``, ``codegen_lm.kernels``). Runs without
+speculation use the first, speculative runs the second, so every "× none" is against the plain model.
+
   steps  a scheduler step of b decoding sequences (128-token random prompts), each verifying k = 1..8 proposed
-         tokens, against a plain decode step of the same b: the time ratio, and the knee where a step turns
+         tokens, against a plain decode step of the same b (both in the speculative layouts; the plain model's
+         step is the loop's "none"): the time ratio, and the knee where a step turns
          compute-bound (the engine's DEFAULT_MAX_STEP_TOKENS["cpu"]: proposals stop where a step would carry more)
   loop   batch 1, greedy, a 64-token random prompt, --new-tokens tokens (EOS ignored), end to end, prefill included:
            none                  ours without speculation
+           none, speculative layouts  (fp32) the same in the layouts made for verify steps: what they cost a step
+                                 without proposals
            oracle a=A k=K        (simulated) proposes the target's own greedy continuation (computed before, without
                                  speculation), each token replaced by a wrong one with probability 1 - A
            replay k=K            (simulated) the trained model's n-gram speculation (bench/speculate_trained.py
@@ -159,10 +166,12 @@ def scheduler_for(model, speculative: SpeculativeConfig | None = None, draft=Non
     return Scheduler(model, None, max_batch, speculative=speculative, draft=draft)
 
 
-def load(path: Path, precision: str):
+def load(path: Path, precision: str, speculative: bool = False):
+    """The model for inference; ``speculative``: in the fp32 layouts chosen for verify steps, as
+    ``Generator.from_pretrained(..., speculative=...)`` loads it (int8 has no fp32 layers: the same model)."""
     from codegen_lm.checkpoint import load_model
 
-    return load_model(path, inference=True, quantize=None if precision == "fp32" else precision)
+    return load_model(path, inference=True, quantize=None if precision == "fp32" else precision, speculative=speculative)
 
 
 def peak_rss_gb() -> float:
@@ -325,9 +334,10 @@ def acceptance(traces: list[dict]) -> float:
     return sum(a for _, a in steps) / max(1, sum(n for n, _ in steps))
 
 
-def loop_variants(model, small, precision: str, args, traces) -> tuple[dict[str, Callable[[], dict]], dict]:
+def loop_variants(model, spec_model, small, precision: str, args, traces) -> tuple[dict[str, Callable[[], dict]], dict]:
     """The batch-1 variants of part 2: name -> one timed run, returning {tokens, seconds, tok_s} and for ours
-    {passes, proposed, accepted, differ} (sequences whose tokens differ from the run without speculation)."""
+    {passes, proposed, accepted, differ} (sequences whose tokens differ from the run without speculation). Runs
+    without speculation use ``model``, speculative ones ``spec_model`` (fp32: its layouts made for verify steps)."""
     rng = random.Random(2)
     new, k = args.new_tokens, args.k
     prompt = random_tokens(rng, LOOP_PROMPT)
@@ -347,12 +357,14 @@ def loop_variants(model, small, precision: str, args, traces) -> tuple[dict[str,
 
     def with_speculator(kind, k: int, *extra) -> Callable[[], Scheduler]:
         def make() -> Scheduler:
-            scheduler = scheduler_for(model, SpeculativeConfig("ngram", k))
+            scheduler = scheduler_for(spec_model, SpeculativeConfig("ngram", k))
             kind(scheduler, *extra)
             return scheduler
         return make
 
     variants: dict[str, Callable[[], dict]] = {"none": ours(lambda: scheduler_for(model))}
+    if spec_model is not model:  # what the layouts made for verify steps cost a step without proposals
+        variants["none, speculative layouts"] = ours(lambda: scheduler_for(spec_model))
     info: dict = {}
     if traces is not None:  # recorded completions, evenly spaced, each replayed on its own prompt and length
         trace_k, recorded = traces
@@ -367,9 +379,9 @@ def loop_variants(model, small, precision: str, args, traces) -> tuple[dict[str,
     for kk in args.sweep_k:
         for alpha in args.alphas:
             variants[f"oracle a={alpha:g} k={kk}"] = ours(with_speculator(Oracle, kk, {"0": truth}, alpha))
-    variants[f"draft=target k={k}"] = ours(lambda: scheduler_for(model, SpeculativeConfig("draft", k, draft_model="target"), model))
-    variants[f"random draft k={k}"] = ours(lambda: scheduler_for(model, SpeculativeConfig("draft", k, draft_model="small"), small))
-    variants[f"ngram k={k} (repeats)"] = ours(lambda: scheduler_for(model, SpeculativeConfig("ngram", k)))
+    variants[f"draft=target k={k}"] = ours(lambda: scheduler_for(spec_model, SpeculativeConfig("draft", k, draft_model="target"), model))
+    variants[f"random draft k={k}"] = ours(lambda: scheduler_for(spec_model, SpeculativeConfig("draft", k, draft_model="small"), small))
+    variants[f"ngram k={k} (repeats)"] = ours(lambda: scheduler_for(spec_model, SpeculativeConfig("ngram", k)))
     peers: dict[str, Callable[[], float]] = {}
     if "ctranslate2" in args.peers:
         peers[f"ctranslate2 {precision}"] = ctranslate2_runner(args.checkpoint, precision, args.threads, prompt, new)
@@ -435,7 +447,7 @@ def print_loop(precision: str, results: dict[str, dict], info: dict) -> None:
 # -- part 3: batches -------------------------------------------------------------------------------------------
 
 
-def batch_variants(model, b: int, k: int, alpha: float) -> dict[str, Callable[[], dict]]:
+def batch_variants(model, spec_model, b: int, k: int, alpha: float) -> dict[str, Callable[[], dict]]:
     rng = random.Random(3 + b)
     prompts = {str(i): random_tokens(rng, LOOP_PROMPT) for i in range(b)}
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
@@ -452,12 +464,12 @@ def batch_variants(model, b: int, k: int, alpha: float) -> dict[str, Callable[[]
         return go
 
     def oracle() -> Scheduler:
-        scheduler = scheduler_for(model, SpeculativeConfig("ngram", k), max_batch=b)
+        scheduler = scheduler_for(spec_model, SpeculativeConfig("ngram", k), max_batch=b)
         Oracle(scheduler, truth, alpha)
         return scheduler
 
     return {f"b={b} none": once(lambda: scheduler_for(model, max_batch=b)),
-            f"b={b} ngram k={k} (repeats)": once(lambda: scheduler_for(model, SpeculativeConfig("ngram", k), max_batch=b)),
+            f"b={b} ngram k={k} (repeats)": once(lambda: scheduler_for(spec_model, SpeculativeConfig("ngram", k), max_batch=b)),
             f"b={b} oracle a={alpha:g} k={k}": once(oracle)}
 
 
@@ -567,15 +579,16 @@ def main() -> None:
               "alphas": args.alphas, "precisions": {}}
     for precision in args.precisions.split(","):
         model = load(args.checkpoint, precision)
+        spec_model = load(args.checkpoint, precision, speculative=True) if precision == "fp32" else model
         data = report["precisions"][precision] = {}
         if "steps" in parts:
             ks = [int(k) for k in args.ks.split(",")]
-            costs = step_costs(model, [int(b) for b in args.batches.split(",")], ks, args.rounds, args.steps)
+            costs = step_costs(spec_model, [int(b) for b in args.batches.split(",")], ks, args.rounds, args.steps)
             data["steps"] = {"ms": {f"{b},{k}": t * 1e3 for (b, k), t in costs.items()},
                              "knee": print_steps(precision, costs, ks)}
         if "loop" in parts:
             small = load(args.small, precision)
-            variants, info = loop_variants(model, small, precision, args, traces)
+            variants, info = loop_variants(model, spec_model, small, precision, args, traces)
             data["loop"] = summarize(measure_variants(variants, args.rounds, f"batch-1 loop {precision}"))
             data["loop_info"] = info
             print_loop(precision, data["loop"], info)
@@ -586,10 +599,10 @@ def main() -> None:
             sizes = [int(b) for b in args.batch_sizes.split(",")]
             variants = {}
             for b in sizes:
-                variants.update(batch_variants(model, b, args.k, alpha))
+                variants.update(batch_variants(model, spec_model, b, args.k, alpha))
             data["batch"] = summarize(measure_variants(variants, args.rounds, f"batches {precision}"))
             print_batches(precision, data["batch"], sizes)
-        del model
+        del model, spec_model
         gc.collect()
     report["load_end"], report["peak_rss_gb"] = load_average(), peak_rss_gb()
     print(f"\nload average at end: {report['load_end']}; peak RSS {report['peak_rss_gb']:.2f} GB")

@@ -460,19 +460,26 @@ def test_fp32_plan_pads_few_rows_only_where_that_gains_and_picks_the_layout_that
     big = [100.0, 800.0]
     # "a": fastest at one row, slow from two; "b": slower at one row, fast from three
     times = {"a": [10.0] + [20.0] * 7 + big, "b": [13.0, 12.0] + [11.0] * 6 + big}
-    plan = kernels.choose_fp32(times, rows)
+    plan = kernels.choose_fp32(times, rows, speculative=True)
     assert plan == kernels.Fp32Plan("b", min_rows=3) and plan.describe() == "b; 1-2 rows run as 3"
     # the smallest count within 5 % of the fastest; none when it gains under 5 % on one row
     times["b"][4] = 10.6
-    assert kernels.choose_fp32(times, rows).min_rows == 3
+    assert kernels.choose_fp32(times, rows, speculative=True).min_rows == 3
     times["b"][4] = 10.0
-    assert kernels.choose_fp32(times, rows).min_rows == 5
+    assert kernels.choose_fp32(times, rows, speculative=True).min_rows == 5
     assert kernels.choose_fp32({"a": [10.0] * 8 + big, "b": [10.4] + [10.0] * 7 + big}, rows) == kernels.Fp32Plan("a")
     assert kernels.choose_fp32({"b": [10.4] + [10.0] * 7 + big}, rows) == kernels.Fp32Plan("b")
     # an equal score goes to the layout listed first
     assert kernels.choose_fp32({"a": [5.0] * 10, "b": [5.0] * 10}, rows).layout == "a"
     # many rows count too: a layout fast at few rows but 3x slower at 64 and 512 loses
-    assert kernels.choose_fp32({"a": [10.0] * 8 + big, "b": [9.0] * 8 + [300.0, 2400.0]}, rows).layout == "a"
+    assert kernels.choose_fp32({"a": [10.0] * 8 + big, "b": [9.0] * 8 + [300.0, 2400.0]}, rows, speculative=True).layout == "a"
+    # plain decoding (one row per sequence) keeps the layout fastest at one row, within 5 %, whatever the other rows
+    # say; speculative decoding's verify steps (a few rows) let every layout compete
+    times = {"a": [10.0] + [20.0] * 7 + big, "b": [12.0] * 8 + big}
+    assert kernels.choose_fp32(times, rows) == kernels.Fp32Plan("a")
+    assert kernels.choose_fp32(times, rows, speculative=True) == kernels.Fp32Plan("b")
+    times["b"][1:8] = [10.4] * 7
+    assert kernels.choose_fp32(times, rows) == kernels.Fp32Plan("b", min_rows=2)  # 10.4 is within 5 % of 10
     # an LM head is timed and judged at the few-row counts only
     assert kernels.choose_fp32({"a": [10.0] * 8, "b": [9.0] * 8}, rows[:8]).layout == "b"
     assert kernels.Fp32Plan("x", 2).describe() == "x; 1 row run as 2" and kernels.Fp32Plan("x").describe() == "x"
@@ -484,9 +491,10 @@ def test_fp32_plans_are_measured_once_cached_forced_and_refused(monkeypatch, fre
     monkeypatch.setattr(kernels, "busy_cpus", lambda: 0.0)
     calls = []
     real = kernels.measure_fp32
-    monkeypatch.setattr(kernels, "measure_fp32", lambda n, k, head=False: calls.append((n, k, head)) or real(n, k, head))
+    monkeypatch.setattr(kernels, "measure_fp32", lambda n, k, head=False, speculative=False:
+                        calls.append((n, k, head, speculative)) or real(n, k, head, speculative))
     plan = kernels.fp32_plan(96, 64)
-    assert calls == [(96, 64, False)] and plan.layout in kernels.fp32_layouts()
+    assert calls == [(96, 64, False, False)] and plan.layout in kernels.fp32_layouts()
     assert 1 <= plan.min_rows <= kernels.FP32_FEW_ROWS
     path, key = kernels.cache_file(), kernels.plan_key(96, 64, precision="fp32")
     data = json.loads(path.read_text())
@@ -507,7 +515,10 @@ def test_fp32_plans_are_measured_once_cached_forced_and_refused(monkeypatch, fre
         new_process()
         assert len(calls) == before + 1, broken  # timed again
     kernels.fp32_plan(96, 64, head=True)
-    assert calls[-1] == (96, 64, True)  # the head is its own plan
+    assert calls[-1] == (96, 64, True, False)  # the head is its own plan, and so is speculative decoding's
+    kernels.fp32_plan(96, 64, speculative=True)
+    assert calls[-1] == (96, 64, False, True) and kernels.plan_key(96, 64, precision="fp32", speculative=True) in \
+        json.loads(path.read_text())["plans"]
 
     monkeypatch.setenv(kernels.FP32_FORCE_ENV, kernels.fp32_layouts()[-1])
     assert new_process() == kernels.Fp32Plan(kernels.fp32_layouts()[-1])  # forced: that layout, unpadded

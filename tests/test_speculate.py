@@ -115,6 +115,26 @@ def test_stop_strings_inside_an_accepted_run_and_streams_never_take_text_back(ti
     assert (got.text, got.finish_reason) == (expected.text, "stop") and got.accepted_tokens > 0
 
 
+def test_a_speculative_target_takes_the_fp32_layouts_made_for_verify_steps(tiny_checkpoint, monkeypatch):
+    """Verify steps carry a few rows per sequence: the target's fp32 layouts are chosen for them; a plain
+    generator's, and a draft model's (one row per step), for plain decoding."""
+    from codegen_lm import kernels
+
+    if not kernels.fp32_layouts():
+        pytest.skip("oneDNN's fp32 matmul does not run here")
+    asked: list[bool] = []
+    monkeypatch.setattr(kernels, "fp32_plan", lambda n, k, head=False, speculative=False:
+                        asked.append(speculative) or kernels.Fp32Plan(kernels.fp32_layouts()[0]))
+    Generator.from_pretrained(str(tiny_checkpoint))
+    assert asked and not any(asked)
+    asked.clear()
+    Generator.from_pretrained(str(tiny_checkpoint), speculative="ngram")
+    assert asked and all(asked)
+    asked.clear()
+    Generator.from_pretrained(str(tiny_checkpoint), speculative=SpeculativeConfig("draft", draft_model=str(tiny_checkpoint)))
+    assert asked[: len(asked) // 2] == [True] * (len(asked) // 2) and asked[len(asked) // 2 :] == [False] * (len(asked) // 2)
+
+
 def test_int8_target_with_an_int8_self_draft_and_int4(tmp_path):
     """fp32 verified by its int8 self, and an int8 model verified by n-grams, give their plain outputs."""
     from conftest import save_checkpoint

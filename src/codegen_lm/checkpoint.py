@@ -163,6 +163,7 @@ def load_model(
     quantize: str | None = None,
     inference: bool = False,
     config: CodeGenConfig | None = None,
+    speculative: bool = False,
 ) -> CodeGenPreTrainedModel:
     """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode.
 
@@ -171,7 +172,8 @@ def load_model(
     That happens block by block as the checkpoint is read, and each block's full-precision tensors are let go
     at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
     (each safetensors tensor is copied with its file open alone; a .bin file is one mapping, resident until
-    loading ends). No tensor of such a model views the file afterwards."""
+    loading ends). No tensor of such a model views the file afterwards. ``speculative``: fp32 weights take the
+    layouts fastest for speculative decoding's few-row verify steps rather than for plain decoding."""
     check_quantize(quantize)
     prepare = inference or quantize is not None
     config = config or CodeGenConfig.from_pretrained(name_or_path)
@@ -188,9 +190,9 @@ def load_model(
     units: dict[str, Callable[[], None]] = {}
     if prepare:
         for i, block in enumerate(body.h):
-            units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize)
+            units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize, speculative)
         if not prefix and not tied:
-            units["lm_head."] = functools.partial(_prepare_head, model, quantize)
+            units["lm_head."] = functools.partial(_prepare_head, model, quantize, speculative)
     convert_embedding = quantize is not None and not (tied and not prefix)  # a tied head is made from it at the end
     if convert_embedding:
         units[f"{'' if prefix else 'transformer.'}wte."] = functools.partial(prepare_embedding, body, quantize)
@@ -232,7 +234,7 @@ def load_model(
     if tied and not prefix:
         model.lm_head.weight = model.transformer.wte.weight
         if prepare:
-            _prepare_head(model, quantize)
+            _prepare_head(model, quantize, speculative)
             prepare_embedding(body, quantize)
     model.eval()
     model.quantization = quantize
@@ -258,9 +260,9 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
-def _prepare_head(model: CodeGenForCausalLM, quantize: str | None) -> None:
+def _prepare_head(model: CodeGenForCausalLM, quantize: str | None, speculative: bool) -> None:
     with torch.no_grad():
-        model.lm_head = prepare_linear(model.lm_head, quantize, head=True)
+        model.lm_head = prepare_linear(model.lm_head, quantize, head=True, speculative=speculative)
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:

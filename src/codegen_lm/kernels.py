@@ -42,7 +42,10 @@ on an AVX-512 EPYC (2 threads, 350M shapes) the batch-1 layout is the fastest at
 for 2-9 rows, while the batch-8 layout runs 3-8 rows as fast as the batch-1 layout runs one. That matters for
 speculative decoding, whose verify steps carry k + 1 rows per sequence. So the plan also says the fewest rows a
 product runs at: padding one row with zeros up to the layout's fastest few-row kernel costs nothing but arithmetic
-that was free anyway (decoding is bound by reading the weights). From two rows on, a row's
+that was free anyway (decoding is bound by reading the weights). Padded, the batch-8 layout's one-row step is
+still slower than the batch-1 layout's (7 % in batch-1 decoding of the 350M shape), so plans are made for one of
+two workloads: plain decoding, where a layout more than 5 % slower at one row is out, and ``speculative``
+decoding, where every layout competes over all the row counts. From two rows on, a row's
 output does not depend on how many rows run beside it (checked bit for bit in the tests), so padding two or more
 rows changes no result; one row may run another kernel and round differently (about 1e-6 relative), as a batch of
 one always could. ``CODEGEN_LM_FP32_LAYOUT=<layout>`` forces one layout, without padding.
@@ -332,9 +335,9 @@ def _forced() -> Plan | None:
 _PLANS: dict[tuple[Path, str], Any] = {}  # this process's plans (read or measured), by cache file and plan key
 
 
-def plan_key(n: int, k: int, head: bool = False, precision: str = "int8") -> str:
+def plan_key(n: int, k: int, head: bool = False, precision: str = "int8", speculative: bool = False) -> str:
     prefix = "" if precision == "int8" else f"{precision} "
-    return f"{prefix}{n}x{k}{' head' if head else ''} threads {torch.get_num_threads()}"
+    return f"{prefix}{n}x{k}{' head' if head else ''}{' speculative' if speculative else ''} threads {torch.get_num_threads()}"
 
 
 def _cached_plan(key: str, what: str, from_entry: Callable[[Any], Any], timed: Callable[[], tuple[Any, dict[str, Any]]]) -> Any:
@@ -506,7 +509,7 @@ def choose(times: dict[str, list[float]], scored: list[int] | None = None) -> Pl
 FP32_LAYOUTS: dict[str, int | None] = {"blocked-1": 1, "blocked-8": 8, "row-major": None}
 FP32_FEW_ROWS = 8  # the most rows a product may be padded to
 FP32_ROWS = (*range(1, FP32_FEW_ROWS + 1), 64, 512)  # timed row counts (an LM head: the few-row ones only)
-_PAD_GAIN = 0.95  # few rows run padded only where that is at least 5 % faster than one row
+_PAD_GAIN = 0.95  # few rows run padded only where that gains 5 %; plain decoding's layouts lose at most 5 % at one row
 _SLOW_CALL = 1.0  # seconds: a row count whose calls took longer is timed for 2 rounds, not _ROUNDS
 
 
@@ -559,9 +562,10 @@ def fp32_layouts() -> tuple[str, ...]:
     return tuple(usable)
 
 
-def fp32_plan(n: int, k: int, head: bool = False) -> Fp32Plan:
+def fp32_plan(n: int, k: int, head: bool = False, speculative: bool = False) -> Fp32Plan:
     """The plan for an ``n`` x ``k`` (out x in) fp32 layer on this CPU (``head``: the LM head, which sees a few
-    rows): forced by ``CODEGEN_LM_FP32_LAYOUT``, cached, or measured now."""
+    rows; ``speculative``: for speculative decoding's few-row steps, see ``choose_fp32``): forced by
+    ``CODEGEN_LM_FP32_LAYOUT``, cached, or measured now."""
     if forced := os.environ.get(FP32_FORCE_ENV):
         if forced not in fp32_layouts():
             known = "does not run on this machine" if forced in FP32_LAYOUTS else "is not an fp32 layout"
@@ -569,9 +573,9 @@ def fp32_plan(n: int, k: int, head: bool = False) -> Fp32Plan:
         return Fp32Plan(forced)
 
     def timed() -> tuple[Fp32Plan, dict[str, Any]]:
-        plan, timings = measure_fp32(n, k, head)
+        plan, timings = measure_fp32(n, k, head, speculative)
         return plan, {"layout": plan.layout, "min_rows": plan.min_rows, "rows": list(FP32_ROWS), "microseconds": timings}
-    return _cached_plan(plan_key(n, k, head, "fp32"), "fp32 layouts", _fp32_plan_from_entry, timed)
+    return _cached_plan(plan_key(n, k, head, "fp32", speculative), "fp32 layouts", _fp32_plan_from_entry, timed)
 
 
 def _fp32_plan_from_entry(entry: Any) -> Fp32Plan | None:
@@ -587,7 +591,7 @@ def _fp32_plan_from_entry(entry: Any) -> Fp32Plan | None:
         return None
 
 
-def measure_fp32(n: int, k: int, head: bool = False) -> tuple[Fp32Plan, dict[str, list[float]]]:
+def measure_fp32(n: int, k: int, head: bool = False, speculative: bool = False) -> tuple[Fp32Plan, dict[str, list[float]]]:
     """Time every usable layout on random ``n`` x ``k`` weights at each of ``FP32_ROWS`` (an LM ``head`` at the
     few-row ones), interleaved round by round, and pick the plan (``choose_fp32``). Returns it and each layout's
     best time per row count in microseconds."""
@@ -617,15 +621,16 @@ def measure_fp32(n: int, k: int, head: bool = False) -> tuple[Fp32Plan, dict[str
             round_ += 1
         for layout in weights:
             times[layout].append(best[layout])
-    return choose_fp32(times, rows), {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
+    return choose_fp32(times, rows, speculative), {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
 
 
-def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...]) -> Fp32Plan:
+def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...], speculative: bool = False) -> Fp32Plan:
     """The plan from each layout's time per row count in ``rows`` (which start with 1..``FP32_FEW_ROWS``): per layout,
     the fewest rows to run at, ``min_rows``: the smallest few-row count within 5 % of the layout's fastest few-row time,
     where that is at least 5 % faster than one row (else 1); then the layout with the smallest geometric mean of (its
     time / the fastest layout's) over ``rows``, a few-row count below ``min_rows`` costing what ``min_rows`` does.
-    Ties go to the layout listed first."""
+    Unless ``speculative``, only layouts within 5 % of the fastest at one row compete: one row per sequence is what
+    plain decoding runs, and its speed must not pay for steps it does not take. Ties go to the layout listed first."""
     few = [i for i, count in enumerate(rows) if count <= FP32_FEW_ROWS]
 
     def min_rows(ts: list[float]) -> int:
@@ -639,5 +644,6 @@ def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...]) -> Fp32Pla
 
     costs = {layout: effective(ts) for layout, ts in times.items()}
     fastest = [min(c[i] for c in costs.values()) for i in range(len(rows))]
-    layout = min(times, key=lambda name: sum(math.log(t / f) for t, f in zip(costs[name], fastest)))
+    eligible = [name for name in times if speculative or costs[name][0] <= fastest[0] / _PAD_GAIN]
+    layout = min(eligible, key=lambda name: sum(math.log(t / f) for t, f in zip(costs[name], fastest)))
     return Fp32Plan(layout, min_rows(times[layout]))

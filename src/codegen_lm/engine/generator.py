@@ -67,7 +67,8 @@ class Generator:
         """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
         int8/int4 with ``quantize=``, else fp32 weights through oneDNN on CPU: see ``codegen_lm.quantize``);
         the generator owns this model. ``speculative`` (a ``SpeculativeConfig``, or just its method's name) loads the
-        draft model it needs: the ``draft_model`` checkpoint, or this one quantized for ``self-int4``/``self-int8``."""
+        draft model it needs: the ``draft_model`` checkpoint, or this one quantized for ``self-int4``/``self-int8``;
+        fp32 weights then take the layouts fastest for its few-row verify steps (``codegen_lm.kernels``)."""
         from ..checkpoint import load_model
         from ..tokenizer import AutoTokenizer
 
@@ -79,7 +80,7 @@ class Generator:
             if quantize in (own, "int4"):
                 raise ValueError(f"{speculative.method} drafts with this model quantized to {own}, and it already is "
                                  f"{quantize}; use ngram or a draft model")
-        model = load_model(name_or_path, inference=True, **load_kwargs)
+        model = load_model(name_or_path, inference=True, speculative=speculative is not None, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         draft = None
         if speculative is not None and speculative.method != "ngram":
