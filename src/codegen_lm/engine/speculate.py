@@ -43,8 +43,9 @@ DEFAULT_MAX_STEP_TOKENS = {"cpu": 16, "cuda": 256}
 # model's cost its own steps as well, so one failure pauses it.
 FAILURES_BEFORE_PAUSE = {"ngram": 2, "draft": 1}
 # Steps without proposals after such failures: 4, then 4x longer each time they fail again, back to 4 after any kept
-# token. A proposer that never holds, such as an unrelated draft, then costs 6-7 % of a 64-token completion on the
-# 350M shape with 2 CPU threads, about 2 % over long ones (bench/speculate.py, docs/benchmarks.md).
+# token. A proposer that never holds, such as an unrelated draft, then costs 1-3 % of a 64-token completion on the
+# 350M shape with 2 CPU threads in fp32, against the same weight layouts without proposals (6-7 % in the layouts of
+# plain decoding, where a check of 4 tokens cost 0.57 of a step; bench/speculate.py, docs/benchmarks.md).
 FIRST_PAUSE, PAUSE_GROWTH, LONGEST_PAUSE = 4, 4, 64
 
 
