@@ -455,6 +455,19 @@ def test_onednn_weight_layouts_compute_what_f_linear_does_padded_or_not(layout):
     assert y.shape == (1, 3, 384)
 
 
+def test_few_rows_run_padded_to_the_plans_fewest(monkeypatch):
+    if not kernels.fp32_layouts():
+        pytest.skip("oneDNN's fp32 matmul does not run here")
+    run_rows = []
+    real = kernels.fp32_gemm
+    monkeypatch.setattr(kernels, "fp32_gemm", lambda x, w, b=None: run_rows.append(x.shape[0]) or real(x, w, b))
+    layer = OneDNNLinear(make_linear(), kernels.Fp32Plan(kernels.fp32_layouts()[0], min_rows=5))
+    with torch.no_grad():
+        for rows in (1, 4, 5, 9):
+            assert layer(torch.randn(rows, 256)).shape == (rows, 384)
+    assert run_rows == [5, 5, 5, 9]
+
+
 def test_fp32_plan_pads_few_rows_only_where_that_gains_and_picks_the_layout_that_loses_least():
     rows = kernels.FP32_ROWS
     big = [100.0, 800.0]
