@@ -504,34 +504,35 @@ def test_fp32_plans_are_measured_once_cached_forced_and_refused(monkeypatch, fre
     monkeypatch.setattr(kernels, "busy_cpus", lambda: 0.0)
     calls = []
     real = kernels.measure_fp32
-    monkeypatch.setattr(kernels, "measure_fp32", lambda n, k, head=False, speculative=False:
-                        calls.append((n, k, head, speculative)) or real(n, k, head, speculative))
+    monkeypatch.setattr(kernels, "measure_fp32", lambda n, k, head=False: calls.append((n, k, head)) or real(n, k, head))
     plan = kernels.fp32_plan(96, 64)
-    assert calls == [(96, 64, False, False)] and plan.layout in kernels.fp32_layouts()
+    assert calls == [(96, 64, False)] and plan.layout in kernels.fp32_layouts()
     assert 1 <= plan.min_rows <= kernels.FP32_FEW_ROWS
     path, key = kernels.cache_file(), kernels.plan_key(96, 64, precision="fp32")
     data = json.loads(path.read_text())
     assert data["plans"][key]["layout"] == plan.layout and data["plans"][key]["min_rows"] == plan.min_rows
     assert set(data["plans"][key]["microseconds"]) == set(kernels.fp32_layouts())
+    # speculative decoding's plan comes from the same timing: kept beside plain decoding's, not timed again
+    speculative = kernels.fp32_plan(96, 64, speculative=True)
+    assert len(calls) == 1 and data["plans"][key]["speculative"] == {"layout": speculative.layout, "min_rows": speculative.min_rows}
 
     def new_process() -> kernels.Fp32Plan:
         monkeypatch.setattr(kernels, "_PLANS", {})
         return kernels.fp32_plan(96, 64)
 
     assert new_process() == plan and len(calls) == 1  # read, not timed again
-    data["plans"][key] |= {"layout": "row-major", "min_rows": 4}  # whatever the file says runs
-    path.write_text(json.dumps(data))
+    data["plans"][key] |= {"layout": "row-major", "min_rows": 4, "speculative": {"layout": "row-major", "min_rows": 5}}
+    path.write_text(json.dumps(data))  # whatever the file says runs
     assert new_process() == kernels.Fp32Plan("row-major", 4) and len(calls) == 1
-    for broken in ({"min_rows": 0}, {"min_rows": 9}, {"min_rows": "4"}, {"layout": "blocked-64"}, {"rows": [1, 8]}):
+    assert kernels.fp32_plan(96, 64, speculative=True) == kernels.Fp32Plan("row-major", 5) and len(calls) == 1
+    for broken in ({"min_rows": 0}, {"min_rows": 9}, {"min_rows": "4"}, {"layout": "blocked-64"}, {"rows": [1, 8]},
+                   {"speculative": {"layout": "row-major", "min_rows": 0}}, {"speculative": None}):
         path.write_text(json.dumps({**data, "plans": {key: {**data["plans"][key], **broken}}}))
         before = len(calls)
         new_process()
         assert len(calls) == before + 1, broken  # timed again
     kernels.fp32_plan(96, 64, head=True)
-    assert calls[-1] == (96, 64, True, False)  # the head is its own plan, and so is speculative decoding's
-    kernels.fp32_plan(96, 64, speculative=True)
-    assert calls[-1] == (96, 64, False, True) and kernels.plan_key(96, 64, precision="fp32", speculative=True) in \
-        json.loads(path.read_text())["plans"]
+    assert calls[-1] == (96, 64, True)  # the head is its own plan
 
     monkeypatch.setenv(kernels.FP32_FORCE_ENV, kernels.fp32_layouts()[-1])
     assert new_process() == kernels.Fp32Plan(kernels.fp32_layouts()[-1])  # forced: that layout, unpadded

@@ -43,9 +43,9 @@ for 2-9 rows, while the batch-8 layout runs 3-8 rows as fast as the batch-1 layo
 speculative decoding, whose verify steps carry k + 1 rows per sequence. So the plan also says the fewest rows a
 product runs at: padding one row with zeros up to the layout's fastest few-row kernel costs nothing but arithmetic
 that was free anyway (decoding is bound by reading the weights). Padded, the batch-8 layout's one-row step is
-still slower than the batch-1 layout's (7 % in batch-1 decoding of the 350M shape), so plans are made for one of
-two workloads: plain decoding, where a layout more than 5 % slower at one row is out, and ``speculative``
-decoding, where every layout competes over all the row counts. From two rows on, a row's
+still slower than the batch-1 layout's (7-15 % in batch-1 decoding of the 350M shape), so plans are made for
+each of two workloads, from one timing: plain decoding, where a layout more than 5 % slower at one row is out, and
+``speculative`` decoding, where every layout competes over all the row counts. From two rows on, a row's
 output does not depend on how many rows run beside it (checked bit for bit in the tests), so padding two or more
 rows changes no result; one row may run another kernel and round differently (about 1e-6 relative), as a batch of
 one always could. ``CODEGEN_LM_FP32_LAYOUT=<layout>`` forces one layout, without padding.
@@ -335,9 +335,9 @@ def _forced() -> Plan | None:
 _PLANS: dict[tuple[Path, str], Any] = {}  # this process's plans (read or measured), by cache file and plan key
 
 
-def plan_key(n: int, k: int, head: bool = False, precision: str = "int8", speculative: bool = False) -> str:
+def plan_key(n: int, k: int, head: bool = False, precision: str = "int8") -> str:
     prefix = "" if precision == "int8" else f"{precision} "
-    return f"{prefix}{n}x{k}{' head' if head else ''}{' speculative' if speculative else ''} threads {torch.get_num_threads()}"
+    return f"{prefix}{n}x{k}{' head' if head else ''} threads {torch.get_num_threads()}"
 
 
 def _cached_plan(key: str, what: str, from_entry: Callable[[Any], Any], timed: Callable[[], tuple[Any, dict[str, Any]]]) -> Any:
@@ -541,6 +541,17 @@ class Fp32Plan:
         return f"{self.layout}; {fewer} run as {self.min_rows}"
 
 
+@dataclass(frozen=True)
+class Fp32Plans:
+    """A layer shape's plans for plain and for speculative decoding, both chosen from one timing."""
+
+    plain: Fp32Plan
+    speculative: Fp32Plan
+
+    def describe(self) -> str:
+        return f"{self.plain.describe()} (speculative decoding: {self.speculative.describe()})"
+
+
 @functools.cache
 def fp32_layouts() -> tuple[str, ...]:
     """The layouts oneDNN's fp32 matmul runs correctly on this machine (checked on a small layer)."""
@@ -572,29 +583,38 @@ def fp32_plan(n: int, k: int, head: bool = False, speculative: bool = False) -> 
             raise ValueError(f"{FP32_FORCE_ENV}={forced} {known}; use one of {', '.join(fp32_layouts())}, or unset it")
         return Fp32Plan(forced)
 
-    def timed() -> tuple[Fp32Plan, dict[str, Any]]:
-        plan, timings = measure_fp32(n, k, head, speculative)
-        return plan, {"layout": plan.layout, "min_rows": plan.min_rows, "rows": list(FP32_ROWS), "microseconds": timings}
-    return _cached_plan(plan_key(n, k, head, "fp32", speculative), "fp32 layouts", _fp32_plan_from_entry, timed)
+    def timed() -> tuple[Fp32Plans, dict[str, Any]]:
+        plans, timings = measure_fp32(n, k, head)
+        entry = {"layout": plans.plain.layout, "min_rows": plans.plain.min_rows}
+        return plans, {**entry, "speculative": {"layout": plans.speculative.layout, "min_rows": plans.speculative.min_rows},
+                       "rows": list(FP32_ROWS), "microseconds": timings}
+    plans = _cached_plan(plan_key(n, k, head, "fp32"), "fp32 layouts", _fp32_plans_from_entry, timed)
+    return plans.speculative if speculative else plans.plain
 
 
-def _fp32_plan_from_entry(entry: Any) -> Fp32Plan | None:
-    """A cached fp32 plan, if it is well formed and its layout still runs here."""
-    try:
-        layout, min_rows = entry["layout"], entry["min_rows"]
-        if entry["rows"] != list(FP32_ROWS) or layout not in fp32_layouts():
-            return None
-        if not isinstance(min_rows, int) or not 1 <= min_rows <= FP32_FEW_ROWS:
+def _fp32_plans_from_entry(entry: Any) -> Fp32Plans | None:
+    """Cached fp32 plans (plain decoding's at the top, speculative decoding's under ``speculative``), if they are well
+    formed and their layouts still run here."""
+
+    def plan(fields: Any) -> Fp32Plan | None:
+        layout, min_rows = fields["layout"], fields["min_rows"]
+        if layout not in fp32_layouts() or not isinstance(min_rows, int) or not 1 <= min_rows <= FP32_FEW_ROWS:
             return None
         return Fp32Plan(layout, min_rows)
+
+    try:
+        if entry["rows"] != list(FP32_ROWS):
+            return None
+        plain, speculative = plan(entry), plan(entry["speculative"])
+        return Fp32Plans(plain, speculative) if plain and speculative else None
     except (TypeError, KeyError):
         return None
 
 
-def measure_fp32(n: int, k: int, head: bool = False, speculative: bool = False) -> tuple[Fp32Plan, dict[str, list[float]]]:
+def measure_fp32(n: int, k: int, head: bool = False) -> tuple[Fp32Plans, dict[str, list[float]]]:
     """Time every usable layout on random ``n`` x ``k`` weights at each of ``FP32_ROWS`` (an LM ``head`` at the
-    few-row ones), interleaved round by round, and pick the plan (``choose_fp32``). Returns it and each layout's
-    best time per row count in microseconds."""
+    few-row ones), interleaved round by round, and pick the plans for both workloads (``choose_fp32``). Returns them
+    and each layout's best time per row count in microseconds."""
     generator = torch.Generator().manual_seed(0)
     copies = max(1, min(8, math.ceil(_COLD_BYTES / (4 * n * k))))
     matrices = [torch.randn(n, k, generator=generator) for _ in range(copies)]
@@ -621,7 +641,8 @@ def measure_fp32(n: int, k: int, head: bool = False, speculative: bool = False) 
             round_ += 1
         for layout in weights:
             times[layout].append(best[layout])
-    return choose_fp32(times, rows, speculative), {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
+    plans = Fp32Plans(choose_fp32(times, rows), choose_fp32(times, rows, speculative=True))
+    return plans, {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
 
 
 def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...], speculative: bool = False) -> Fp32Plan:
