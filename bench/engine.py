@@ -27,7 +27,8 @@ TransformersConverter) are cached in --workdir. Our int8 kernels are chosen (tim
 ``codegen_lm.kernels``) before the rounds, so no timed process pays for that; the table is preceded by the kernel
 each kind of layer runs. A system ``ours@<kernel>`` is ours with that int8 kernel forced for every layer
 (``CODEGEN_LM_INT8_KERNEL``), ``ours@<layout>`` with that fp32 layout (``CODEGEN_LM_FP32_LAYOUT``: blocked-1,
-blocked-8, row-major, none of them padded), for A/B runs side by side.
+blocked-8, row-major, none of them padded), for A/B runs side by side; ``ours@several-rows`` takes the fp32 plans
+made for steps of several rows, as an evaluation loads them (``load_model(..., several_rows=True)``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ SYSTEMS = {  # (system, precision) pairs that exist; transformers has no int8/in
 }
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SCENARIOS = ("decode", "n8", "prefill", "ttft")
+SEVERAL_ROWS = "several-rows"  # ours@several-rows: the fp32 plans for steps of several rows
 
 
 def prompts(vocab: int = 50000) -> dict[str, list]:
@@ -89,7 +91,8 @@ def load_ours(args: argparse.Namespace):
     # What Generator.from_pretrained does (the checkpoint has no tokenizer files).
     quantize = args.precision if args.precision in ("int8", "int4") else None
     dtype = TORCH_DTYPES.get(args.precision, "float32")
-    model = load_model(args.checkpoint, quantize=quantize, inference=True, dtype=dtype, device=args.device)
+    model = load_model(args.checkpoint, quantize=quantize, inference=True, dtype=dtype, device=args.device,
+                       several_rows=args.system.endswith("@" + SEVERAL_ROWS))
     print("KERNELS " + json.dumps(kernel_choices(model)), flush=True)
     return model
 
@@ -211,7 +214,7 @@ def worker(args: argparse.Namespace) -> None:
     from codegen_lm.kernels import FP32_LAYOUTS
 
     system, _, kernel = args.system.partition("@")
-    if kernel:
+    if kernel and kernel != SEVERAL_ROWS:
         os.environ["CODEGEN_LM_FP32_LAYOUT" if kernel in FP32_LAYOUTS else "CODEGEN_LM_INT8_KERNEL"] = kernel
     if not args.scenarios:  # only load: chooses (and caches) our kernels
         load_ours(args)
@@ -289,7 +292,7 @@ def main() -> None:
     precisions = args.precisions.split(",")
     runs = [(s, p) for p in precisions for s in args.systems.split(",")  # ours@<int8 kernel>: quantized only
             if s.partition("@")[0] in SYSTEMS[p]
-            and ("@" not in s or (p == "fp32") == (s.partition("@")[2] in FP32_LAYOUTS))]
+            and ("@" not in s or (p == "fp32") == (s.partition("@")[2] in (*FP32_LAYOUTS, SEVERAL_ROWS)))]
     samples = measure(runs, args)
     medians = summarize(samples)
     print_table(medians, precisions)

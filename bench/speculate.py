@@ -166,12 +166,12 @@ def scheduler_for(model, speculative: SpeculativeConfig | None = None, draft=Non
     return Scheduler(model, None, max_batch, speculative=speculative, draft=draft)
 
 
-def load(path: Path, precision: str, speculative: bool = False):
-    """The model for inference; ``speculative``: in the fp32 layouts chosen for verify steps, as
-    ``Generator.from_pretrained(..., speculative=...)`` loads it (int8 has no fp32 layers: the same model)."""
+def load(path: Path, precision: str, several_rows: bool = False):
+    """The model for inference; ``several_rows``: in the fp32 layouts chosen for steps of several rows (verify steps),
+    as ``Generator.from_pretrained(..., speculative=...)`` loads it (int8 has no fp32 layers: the same model)."""
     from codegen_lm.checkpoint import load_model
 
-    return load_model(path, inference=True, quantize=None if precision == "fp32" else precision, speculative=speculative)
+    return load_model(path, inference=True, quantize=None if precision == "fp32" else precision, several_rows=several_rows)
 
 
 def peak_rss_gb() -> float:
@@ -579,7 +579,7 @@ def main() -> None:
               "alphas": args.alphas, "precisions": {}}
     for precision in args.precisions.split(","):
         model = load(args.checkpoint, precision)
-        spec_model = load(args.checkpoint, precision, speculative=True) if precision == "fp32" else model
+        spec_model = load(args.checkpoint, precision, several_rows=True) if precision == "fp32" else model
         data = report["precisions"][precision] = {}
         if "steps" in parts:
             ks = [int(k) for k in args.ks.split(",")]

@@ -354,6 +354,8 @@ def prompts_generated(monkeypatch) -> list[str]:
     load = codegen_lm.cli.load_generator
 
     def counting(*args, **kwargs):
+        # an evaluation decodes many sequences at once: its model takes the fp32 layouts made for steps of several rows
+        assert kwargs.get("several_rows") is True
         generator = load(*args, **kwargs)
         complete = generator.complete
 

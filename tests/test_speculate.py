@@ -123,8 +123,8 @@ def test_a_speculative_target_takes_the_fp32_layouts_made_for_verify_steps(tiny_
     if not kernels.fp32_layouts():
         pytest.skip("oneDNN's fp32 matmul does not run here")
     asked: list[bool] = []
-    monkeypatch.setattr(kernels, "fp32_plan", lambda n, k, head=False, speculative=False:
-                        asked.append(speculative) or kernels.Fp32Plan(kernels.fp32_layouts()[0]))
+    monkeypatch.setattr(kernels, "fp32_plan", lambda n, k, head=False, several_rows=False:
+                        asked.append(several_rows) or kernels.Fp32Plan(kernels.fp32_layouts()[0]))
     Generator.from_pretrained(str(tiny_checkpoint))
     assert asked and not any(asked)
     asked.clear()
@@ -133,6 +133,11 @@ def test_a_speculative_target_takes_the_fp32_layouts_made_for_verify_steps(tiny_
     asked.clear()
     Generator.from_pretrained(str(tiny_checkpoint), speculative=SpeculativeConfig("draft", draft_model=str(tiny_checkpoint)))
     assert asked[: len(asked) // 2] == [True] * (len(asked) // 2) and asked[len(asked) // 2 :] == [False] * (len(asked) // 2)
+    # what the caller says the steps carry wins: n samples without speculation, or speculation kept to one row
+    for several_rows, speculative in ((True, None), (False, "ngram")):
+        asked.clear()
+        Generator.from_pretrained(str(tiny_checkpoint), speculative=speculative, several_rows=several_rows)
+        assert asked and all(a == several_rows for a in asked)
 
 
 def test_int8_target_with_an_int8_self_draft_and_int4(tmp_path):

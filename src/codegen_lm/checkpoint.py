@@ -163,7 +163,7 @@ def load_model(
     quantize: str | None = None,
     inference: bool = False,
     config: CodeGenConfig | None = None,
-    speculative: bool = False,
+    several_rows: bool = False,
 ) -> CodeGenPreTrainedModel:
     """Load a CodeGen checkpoint (hub id or folder) into ``model_class``, in eval mode.
 
@@ -172,8 +172,9 @@ def load_model(
     That happens block by block as the checkpoint is read, and each block's full-precision tensors are let go
     at once, so memory peaks near the final size instead of the full-precision model plus its converted copy
     (each safetensors tensor is copied with its file open alone; a .bin file is one mapping, resident until
-    loading ends). No tensor of such a model views the file afterwards. ``speculative``: fp32 weights take the
-    layouts fastest for speculative decoding's few-row verify steps rather than for plain decoding."""
+    loading ends). No tensor of such a model views the file afterwards. ``several_rows``: fp32 weights take the
+    layouts fastest for decode steps of several rows (n samples, batches of prompts, speculative verify steps)
+    rather than of one."""
     check_quantize(quantize)
     prepare = inference or quantize is not None
     config = config or CodeGenConfig.from_pretrained(name_or_path)
@@ -190,9 +191,9 @@ def load_model(
     units: dict[str, Callable[[], None]] = {}
     if prepare:
         for i, block in enumerate(body.h):
-            units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize, speculative)
+            units[f"{'' if prefix else 'transformer.'}h.{i}."] = functools.partial(prepare_block, block, quantize, several_rows)
         if not prefix and not tied:
-            units["lm_head."] = functools.partial(_prepare_head, model, quantize, speculative)
+            units["lm_head."] = functools.partial(_prepare_head, model, quantize, several_rows)
     convert_embedding = quantize is not None and not (tied and not prefix)  # a tied head is made from it at the end
     if convert_embedding:
         units[f"{'' if prefix else 'transformer.'}wte."] = functools.partial(prepare_embedding, body, quantize)
@@ -234,7 +235,7 @@ def load_model(
     if tied and not prefix:
         model.lm_head.weight = model.transformer.wte.weight
         if prepare:
-            _prepare_head(model, quantize, speculative)
+            _prepare_head(model, quantize, several_rows)
             prepare_embedding(body, quantize)
     model.eval()
     model.quantization = quantize
@@ -260,9 +261,9 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
-def _prepare_head(model: CodeGenForCausalLM, quantize: str | None, speculative: bool) -> None:
+def _prepare_head(model: CodeGenForCausalLM, quantize: str | None, several_rows: bool) -> None:
     with torch.no_grad():
-        model.lm_head = prepare_linear(model.lm_head, quantize, head=True, speculative=speculative)
+        model.lm_head = prepare_linear(model.lm_head, quantize, head=True, several_rows=several_rows)
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:

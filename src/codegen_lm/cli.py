@@ -95,14 +95,17 @@ def engine_options(prefix_cache_mb: float | None, no_prefix_cache: bool, prefill
             "speculative": config}
 
 
-def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False, **engine: Any):
-    """Model + tokenizer, with a status line on stderr while the weights load (``engine``: see ``engine_options``)."""
+def load_generator(model: str, dtype: str, device: str, quantize: str | None, compile: bool = False,
+                   several_rows: bool | None = None, **engine: Any):
+    """Model + tokenizer, with a status line on stderr while the weights load (``engine``: see ``engine_options``;
+    ``several_rows``: see ``Generator.from_pretrained``)."""
     from rich.console import Console
 
     from .engine import Generator
 
     with Console(stderr=True).status(f"loading {model}"):
-        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile, **engine)
+        return Generator.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, compile=compile,
+                                         several_rows=several_rows, **engine)
 
 
 @app.command("complete")
@@ -413,8 +416,10 @@ def eval_humaneval_command(
             settings.served_model = endpoints.model
             generate = lambda path, bar: humaneval.generate_samples_from_endpoints(endpoints, table, settings, path, bar)  # noqa: E731
         else:
+            # every prompt's samples decode together, in steps of up to max_batch rows
             generate = lambda path, bar: humaneval.generate_samples(  # noqa: E731
-                load_generator(settings.model, dtype, device, quantize, compile, **engine), table, settings, path, bar)
+                load_generator(settings.model, dtype, device, quantize, compile, several_rows=True, **engine), table,
+                settings, path, bar)
         name = Path(settings.model or settings.served_model).name
         out = out or str(Path("runs") / f"humaneval-{name}-n{n}-t{temperature:g}")
     run_eval(lambda: humaneval.evaluate(Path(out), ks, settings, table, samples_file=Path(samples) if samples else None,
@@ -470,8 +475,10 @@ def eval_mtpb_command(
         settings.served_model = endpoints.model
         generate = lambda path, bar: mtpb.generate_samples_from_endpoints(endpoints, table, settings, path, bar)  # noqa: E731
     else:
+        # a problem's test cases (and samples) take each turn together, in steps of several rows
         generate = lambda path, bar: mtpb.generate_samples(  # noqa: E731
-            load_generator(settings.model, dtype, device, quantize, compile, **engine), table, settings, path, bar)
+            load_generator(settings.model, dtype, device, quantize, compile, several_rows=True, **engine), table,
+            settings, path, bar)
     out = out or str(Path("runs") / f"mtpb-{Path(settings.model or settings.served_model).name}-n{n}")
     run_eval(lambda: mtpb.evaluate(Path(out), settings, table, generate, sandbox=sandbox))
 

@@ -40,15 +40,16 @@ fails with the list of kernels available here when that one is not.
 the blocked layout oneDNN prefers for a batch hint (``FP32_LAYOUTS``). The layouts trade places with the row count:
 on an AVX-512 EPYC (2 threads, 350M shapes) the batch-1 layout is the fastest at one row but takes 1.5-1.9x as long
 for 2-9 rows, while the batch-8 layout runs 3-8 rows as fast as the batch-1 layout runs one. That matters for
-speculative decoding, whose verify steps carry k + 1 rows per sequence. So the plan also says the fewest rows a
-product runs at: padding one row with zeros up to the layout's fastest few-row kernel costs nothing but arithmetic
-that was free anyway (decoding is bound by reading the weights). Padded, the batch-8 layout's one-row step is
-still slower than the batch-1 layout's (7-15 % in batch-1 decoding of the 350M shape), so plans are made for
-each of two workloads, from one timing: plain decoding, where a layout more than 5 % slower at one row is out, and
-``speculative`` decoding, where every layout competes over all the row counts. From two rows on, a row's
-output does not depend on how many rows run beside it (checked bit for bit in the tests), so padding two or more
-rows changes no result; one row may run another kernel and round differently (about 1e-6 relative), as a batch of
-one always could. ``CODEGEN_LM_FP32_LAYOUT=<layout>`` forces one layout, without padding.
+steps that carry several rows: speculative decoding's verify steps (k + 1 rows per sequence), and n samples or
+many prompts decoded together (``codegen-lm eval``). So the plan also says the fewest rows a product runs
+at: padding one row with zeros up to the layout's fastest few-row kernel costs nothing but arithmetic that was
+free anyway (decoding is bound by reading the weights). Padded, the batch-8 layout's one-row step is still slower
+than the batch-1 layout's (7-15 % in batch-1 decoding of the 350M shape), so plans are made for each of two
+workloads, from one timing: steps of one row (one sequence decoding plainly), where nothing is padded and a layout
+more than 5 % slower at one row is out, and steps of ``several_rows``, where every layout competes over all the row
+counts (``choose_fp32``). From two rows on, a row's output does not depend on how many rows run beside it (checked
+bit for bit in the tests), so padding two or more rows changes no result; one row may run another kernel and round
+differently (about 1e-6 relative), as a batch of one always could. ``CODEGEN_LM_FP32_LAYOUT=<layout>`` forces one layout, without padding.
 """
 
 from __future__ import annotations
@@ -509,7 +510,7 @@ def choose(times: dict[str, list[float]], scored: list[int] | None = None) -> Pl
 FP32_LAYOUTS: dict[str, int | None] = {"blocked-1": 1, "blocked-8": 8, "row-major": None}
 FP32_FEW_ROWS = 8  # the most rows a product may be padded to
 FP32_ROWS = (*range(1, FP32_FEW_ROWS + 1), 64, 512)  # timed row counts (an LM head: the few-row ones only)
-_PAD_GAIN = 0.95  # few rows run padded only where that gains 5 %; plain decoding's layouts lose at most 5 % at one row
+_PAD_GAIN = 0.95  # few rows run padded only where that gains 5 %; one-row plans lose at most 5 % at one row
 _SLOW_CALL = 1.0  # seconds: a row count whose calls took longer is timed for 2 rounds, not _ROUNDS
 
 
@@ -543,13 +544,13 @@ class Fp32Plan:
 
 @dataclass(frozen=True)
 class Fp32Plans:
-    """A layer shape's plans for plain and for speculative decoding, both chosen from one timing."""
+    """A layer shape's plans for decode steps of one row and of several rows, both chosen from one timing."""
 
-    plain: Fp32Plan
-    speculative: Fp32Plan
+    one_row: Fp32Plan
+    several_rows: Fp32Plan
 
     def describe(self) -> str:
-        return f"{self.plain.describe()} (speculative decoding: {self.speculative.describe()})"
+        return f"{self.one_row.describe()} (steps of several rows: {self.several_rows.describe()})"
 
 
 @functools.cache
@@ -573,9 +574,9 @@ def fp32_layouts() -> tuple[str, ...]:
     return tuple(usable)
 
 
-def fp32_plan(n: int, k: int, head: bool = False, speculative: bool = False) -> Fp32Plan:
+def fp32_plan(n: int, k: int, head: bool = False, several_rows: bool = False) -> Fp32Plan:
     """The plan for an ``n`` x ``k`` (out x in) fp32 layer on this CPU (``head``: the LM head, which sees a few
-    rows; ``speculative``: for speculative decoding's few-row steps, see ``choose_fp32``): forced by
+    rows; ``several_rows``: for a workload whose decode steps mostly carry several rows, see ``choose_fp32``): forced by
     ``CODEGEN_LM_FP32_LAYOUT``, cached, or measured now."""
     if forced := os.environ.get(FP32_FORCE_ENV):
         if forced not in fp32_layouts():
@@ -585,15 +586,15 @@ def fp32_plan(n: int, k: int, head: bool = False, speculative: bool = False) -> 
 
     def timed() -> tuple[Fp32Plans, dict[str, Any]]:
         plans, timings = measure_fp32(n, k, head)
-        entry = {"layout": plans.plain.layout, "min_rows": plans.plain.min_rows}
-        return plans, {**entry, "speculative": {"layout": plans.speculative.layout, "min_rows": plans.speculative.min_rows},
+        entry = {"layout": plans.one_row.layout, "min_rows": plans.one_row.min_rows}
+        return plans, {**entry, "several_rows": {"layout": plans.several_rows.layout, "min_rows": plans.several_rows.min_rows},
                        "rows": list(FP32_ROWS), "microseconds": timings}
     plans = _cached_plan(plan_key(n, k, head, "fp32"), "fp32 layouts", _fp32_plans_from_entry, timed)
-    return plans.speculative if speculative else plans.plain
+    return plans.several_rows if several_rows else plans.one_row
 
 
 def _fp32_plans_from_entry(entry: Any) -> Fp32Plans | None:
-    """Cached fp32 plans (plain decoding's at the top, speculative decoding's under ``speculative``), if they are well
+    """Cached fp32 plans (the one-row plan at the top, the several-row one under ``several_rows``), if they are well
     formed and their layouts still run here."""
 
     def plan(fields: Any) -> Fp32Plan | None:
@@ -605,8 +606,8 @@ def _fp32_plans_from_entry(entry: Any) -> Fp32Plans | None:
     try:
         if entry["rows"] != list(FP32_ROWS):
             return None
-        plain, speculative = plan(entry), plan(entry["speculative"])
-        return Fp32Plans(plain, speculative) if plain and speculative else None
+        one_row, several_rows = plan(entry), plan(entry["several_rows"])
+        return Fp32Plans(one_row, several_rows) if one_row and several_rows else None
     except (TypeError, KeyError):
         return None
 
@@ -641,20 +642,27 @@ def measure_fp32(n: int, k: int, head: bool = False) -> tuple[Fp32Plans, dict[st
             round_ += 1
         for layout in weights:
             times[layout].append(best[layout])
-    plans = Fp32Plans(choose_fp32(times, rows), choose_fp32(times, rows, speculative=True))
+    plans = Fp32Plans(choose_fp32(times, rows), choose_fp32(times, rows, several_rows=True))
     return plans, {layout: [round(t * 1e6, 1) for t in ts] for layout, ts in times.items()}
 
 
-def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...], speculative: bool = False) -> Fp32Plan:
+def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...], several_rows: bool = False) -> Fp32Plan:
     """The plan from each layout's time per row count in ``rows`` (which start with 1..``FP32_FEW_ROWS``): per layout,
-    the fewest rows to run at, ``min_rows``: the smallest few-row count within 5 % of the layout's fastest few-row time,
-    where that is at least 5 % faster than one row (else 1); then the layout with the smallest geometric mean of (its
-    time / the fastest layout's) over ``rows``, a few-row count below ``min_rows`` costing what ``min_rows`` does.
-    Unless ``speculative``, only layouts within 5 % of the fastest at one row compete: one row per sequence is what
-    plain decoding runs, and its speed must not pay for steps it does not take. Ties go to the layout listed first."""
+    the fewest rows to run at, ``min_rows``: for ``several_rows``, the smallest few-row count within 5 % of the
+    layout's fastest few-row time, where that is at least 5 % faster than one row (else 1); then the layout with the
+    smallest geometric mean of (its time / the fastest layout's) over ``rows``, a few-row count below ``min_rows``
+    costing what ``min_rows`` does. Ties go to the layout listed first.
+
+    Unless ``several_rows``, nothing is padded, and only layouts within 5 % of the fastest at one row compete: one row
+    per step is what one sequence decoding plainly runs, and its speed must not pay for steps it does not take. A
+    padded product's cost is the best of several row counts' timings, which flatters it on a noisy machine: there the
+    batch-8 layout padded to 6 rows once timed 6 % faster than the batch-1 layout at one row, and decoded 10-15 %
+    slower."""
     few = [i for i, count in enumerate(rows) if count <= FP32_FEW_ROWS]
 
     def min_rows(ts: list[float]) -> int:
+        if not several_rows:
+            return 1
         fastest = min(ts[i] for i in few)
         count = next(rows[i] for i in few if ts[i] <= fastest / _PAD_GAIN)
         return count if ts[count - 1] < _PAD_GAIN * ts[0] else 1
@@ -665,6 +673,6 @@ def choose_fp32(times: dict[str, list[float]], rows: tuple[int, ...], speculativ
 
     costs = {layout: effective(ts) for layout, ts in times.items()}
     fastest = [min(c[i] for c in costs.values()) for i in range(len(rows))]
-    eligible = [name for name in times if speculative or costs[name][0] <= fastest[0] / _PAD_GAIN]
+    eligible = [name for name in times if several_rows or costs[name][0] <= fastest[0] / _PAD_GAIN]
     layout = min(eligible, key=lambda name: sum(math.log(t / f) for t, f in zip(costs[name], fastest)))
     return Fp32Plan(layout, min_rows(times[layout]))

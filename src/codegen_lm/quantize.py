@@ -258,10 +258,10 @@ class OneDNNLinear(nn.Module):
     (``codegen_lm.kernels.fp32_plan``, or ``plan`` when given)."""
 
     def __init__(self, linear: nn.Linear, plan: kernels.Fp32Plan | None = None, head: bool = False,
-                 speculative: bool = False):
+                 several_rows: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.plan = plan or kernels.fp32_plan(self.out_features, self.in_features, head, speculative)
+        self.plan = plan or kernels.fp32_plan(self.out_features, self.in_features, head, several_rows)
         weight = kernels.fp32_weight(linear.weight, self.plan.layout)
         if weight.is_mkldnn:  # kept as a plain attribute, not a buffer: an opaque tensor cannot be saved or moved
             self.weight = weight
@@ -290,23 +290,23 @@ def int4_group_size(linear: nn.Linear) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), None)
 
 
-def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False, speculative: bool = False) -> nn.Module:
+def prepare_linear(linear: nn.Linear, quantize: str | None, head: bool = False, several_rows: bool = False) -> nn.Module:
     """The inference form of one linear layer: int4 (int8 for the LM ``head`` and shapes the int4 kernel cannot
-    take), int8, fp32 through oneDNN on CPU (its layout chosen for ``speculative`` decoding's few-row steps when
-    asked), or the layer itself."""
+    take), int8, fp32 through oneDNN on CPU (its layout chosen for decode steps of ``several_rows`` when asked), or
+    the layer itself."""
     if quantize == "int4" and not head and (group_size := int4_group_size(linear)):
         return Int4Linear(linear, group_size)
     if quantize:
         return Int8Linear(linear, head=head)
     weight = linear.weight
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and kernels.fp32_layouts():
-        return OneDNNLinear(linear, head=head, speculative=speculative)
+        return OneDNNLinear(linear, head=head, several_rows=several_rows)
     return linear
 
 
-def prepare_block(block: nn.Module, quantize: str | None, speculative: bool = False) -> None:
+def prepare_block(block: nn.Module, quantize: str | None, several_rows: bool = False) -> None:
     """Fuse a ``CodeGenBlock``'s projections and convert them (in place)."""
-    block.fuse_projections(lambda linear: prepare_linear(linear, quantize, speculative=speculative))
+    block.fuse_projections(lambda linear: prepare_linear(linear, quantize, several_rows=several_rows))
 
 
 def prepare_embedding(body: nn.Module, quantize: str | None) -> None:
@@ -335,12 +335,12 @@ def check_quantize(quantize: str | None) -> None:
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(MODES)}")
 
 
-def prepare_for_inference(model: nn.Module, quantize: str | None = None, speculative: bool = False) -> nn.Module:
+def prepare_for_inference(model: nn.Module, quantize: str | None = None, several_rows: bool = False) -> nn.Module:
     """Convert a ``CodeGenForCausalLM`` or ``CodeGenModel`` in place for inference only: fused projections,
     then int8/int4 weights when ``quantize`` says so (the token embedding and LM head in int8), else fp32 weights
-    through oneDNN on CPU, in the layouts fastest for plain decoding, or for ``speculative`` decoding's few-row
-    verify steps (``codegen_lm.kernels.choose_fp32``). Layer norms keep their precision. The model can no longer be
-    trained or saved. Returns the model.
+    through oneDNN on CPU, in the layouts fastest for decode steps of one row, or of ``several_rows`` (n samples,
+    batches of prompts, speculative verify steps; ``codegen_lm.kernels.choose_fp32``). Layer norms keep their
+    precision. The model can no longer be trained or saved. Returns the model.
     (``load_model(..., inference=True)`` does this block by block while reading the checkpoint.)"""
     check_quantize(quantize)
     body = getattr(model, "transformer", model)
@@ -349,9 +349,9 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None, specula
                          "start from the model as loaded")
     with torch.no_grad():
         for block in body.h:
-            prepare_block(block, quantize, speculative)
+            prepare_block(block, quantize, several_rows)
         if isinstance(getattr(model, "lm_head", None), nn.Linear):
-            model.lm_head = prepare_linear(model.lm_head, quantize, head=True, speculative=speculative)
+            model.lm_head = prepare_linear(model.lm_head, quantize, head=True, several_rows=several_rows)
         prepare_embedding(body, quantize)
     own_memory(model)
     model.quantization = quantize

@@ -63,12 +63,15 @@ class Generator:
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_batch: int = 16, compile: bool = False,
                         prefix_cache_mb: float | None = None, prefill_chunk: int | None = None,
-                        speculative: SpeculativeConfig | str | None = None, **load_kwargs: Any) -> "Generator":
+                        speculative: SpeculativeConfig | str | None = None, several_rows: bool | None = None,
+                        **load_kwargs: Any) -> "Generator":
         """Load model and tokenizer for generation, the model prepared for inference only (fused projections;
         int8/int4 with ``quantize=``, else fp32 weights through oneDNN on CPU: see ``codegen_lm.quantize``);
         the generator owns this model. ``speculative`` (a ``SpeculativeConfig``, or just its method's name) loads the
-        draft model it needs: the ``draft_model`` checkpoint, or this one quantized for ``self-int4``/``self-int8``;
-        fp32 weights then take the layouts fastest for its few-row verify steps (``codegen_lm.kernels``)."""
+        draft model it needs: the ``draft_model`` checkpoint, or this one quantized for ``self-int4``/``self-int8``.
+        ``several_rows``: the decode steps will mostly carry several rows (n samples, many prompts at once as in an
+        evaluation; by default, only with ``speculative``, whose verify steps do), so fp32 weights take the layouts
+        fastest for those rather than for one (``codegen_lm.kernels.choose_fp32``); a draft model's steps keep one."""
         from ..checkpoint import load_model
         from ..tokenizer import AutoTokenizer
 
@@ -80,7 +83,8 @@ class Generator:
             if quantize in (own, "int4"):
                 raise ValueError(f"{speculative.method} drafts with this model quantized to {own}, and it already is "
                                  f"{quantize}; use ngram or a draft model")
-        model = load_model(name_or_path, inference=True, speculative=speculative is not None, **load_kwargs)
+        several_rows = speculative is not None if several_rows is None else several_rows
+        model = load_model(name_or_path, inference=True, several_rows=several_rows, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         draft = None
         if speculative is not None and speculative.method != "ngram":
