@@ -297,7 +297,7 @@ def test_compiled_decode_equals_eager_decode(monkeypatch, plan):
 
     if plan.layout not in fp32_layouts():
         pytest.skip(f"oneDNN's {plan.layout} layout does not run here")
-    monkeypatch.setattr("codegen_lm.kernels.fp32_plan", lambda n, k, head=False, speculative=False: plan)
+    monkeypatch.setattr("codegen_lm.kernels.fp32_plan", lambda n, k, head=False, several_rows=False: plan)
     model = prepare_for_inference(build_model(seed=5))
     assert {m.plan for m in model.modules() if isinstance(m, OneDNNLinear)} == {plan}
     prompts = [list(range(3, 13)), list(range(40, 50))]
@@ -348,7 +348,7 @@ def test_warm_up_compiles_every_graph_that_later_batches_need(monkeypatch):
     from torch._dynamo.utils import counters
 
     if fp32_layouts():  # few rows padded: the padding must not tie the graphs to a row count
-        monkeypatch.setattr("codegen_lm.kernels.fp32_plan", lambda n, k, head=False, speculative=False: Fp32Plan(fp32_layouts()[0], min_rows=5))
+        monkeypatch.setattr("codegen_lm.kernels.fp32_plan", lambda n, k, head=False, several_rows=False: Fp32Plan(fp32_layouts()[0], min_rows=5))
     model = prepare_for_inference(build_model(seed=5))
     with fresh_compiles(model):
         assert Generator(model, None, max_batch=4, compile=True).warm_up() >= 3
