@@ -11,6 +11,8 @@ falls on all of them alike. Each figure is the median over rounds. Scenarios (ra
 so every run generates the same number of tokens; times are end to end, prefill included):
 
   decode   batch 1, 64-token prompt, --new-tokens greedy tokens: generated tokens / s
+  context  batch 1 after a 1536-token prompt (an editor's file), --new-tokens greedy tokens: tokens / s of the
+           decoding alone (the time of 1 + N new tokens less that of 1), where attention reads a long cache
   n8       8 samples of one 256-token prompt (T 0.8, top-p 0.95): generated tokens / s of all samples
            (ours: one shared prefill; CTranslate2: num_hypotheses=8; transformers: num_return_sequences=8)
   prefill  8 different 256-token prompts, one new token each: seconds
@@ -54,7 +56,7 @@ SYSTEMS = {  # (system, precision) pairs that exist; transformers has no int8/in
     "fp16": ["ours", "transformers"],
 }
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-SCENARIOS = ("decode", "n8", "prefill", "ttft")
+SCENARIOS = ("decode", "context", "n8", "prefill", "ttft")
 SEVERAL_ROWS = "several-rows"  # ours@several-rows: the fp32 plans for steps of several rows
 
 
@@ -66,6 +68,7 @@ def prompts(vocab: int = 50000) -> dict[str, list]:
         "decode": [rng.randrange(vocab) for _ in range(64)],
         "long": [rng.randrange(vocab) for _ in range(256)],
         "batch": [[rng.randrange(vocab) for _ in range(256)] for _ in range(8)],
+        "context": [rng.randrange(vocab) for _ in range(1536)],
     }
 
 
@@ -78,6 +81,11 @@ def timed(fn) -> float:
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         sys.modules["torch"].cuda.synchronize()
     return time.perf_counter() - start
+
+
+def decoding(generate: Callable[[int], None], new: int) -> float:
+    """Seconds that ``new`` tokens take to decode after a prompt: ``generate(n)`` makes n tokens, prefill included."""
+    return timed(lambda: generate(new + 1)) - timed(lambda: generate(1))
 
 
 def load_ours(args: argparse.Namespace):
@@ -120,6 +128,7 @@ def run_ours(args: argparse.Namespace, p: dict) -> dict[str, Callable[[], float]
     complete([p["decode"]], max_new_tokens=8)  # warm-up
     return {
         "decode": warmed(lambda: new / timed(lambda: complete([p["decode"]], max_new_tokens=new))),
+        "context": warmed(lambda: new / decoding(lambda n: complete([p["context"]], max_new_tokens=n), new)),
         "n8": warmed(lambda: 8 * new / timed(lambda: complete([p["long"]], max_new_tokens=new, n=8, temperature=0.8,
                                                               top_p=0.95, seed=1))),
         "prefill": lambda: timed(lambda: complete(p["batch"], max_new_tokens=1)),
@@ -145,6 +154,7 @@ def run_transformers(args: argparse.Namespace, p: dict) -> dict[str, Callable[[]
     generate([p["decode"]], max_new_tokens=8, do_sample=False)
     return {
         "decode": lambda: new / timed(lambda: generate([p["decode"]], max_new_tokens=new, do_sample=False)),
+        "context": lambda: new / decoding(lambda n: generate([p["context"]], max_new_tokens=n, do_sample=False), new),
         "n8": lambda: 8 * new / timed(lambda: generate([p["long"]], max_new_tokens=new, do_sample=True, temperature=0.8,
                                                         top_p=0.95, top_k=0, num_return_sequences=8)),
         "prefill": lambda: timed(lambda: generate(p["batch"], max_new_tokens=1, do_sample=False)),
@@ -169,6 +179,7 @@ def run_ctranslate2(args: argparse.Namespace, p: dict) -> dict[str, Callable[[],
     generate([p["decode"]], max_length=8, min_length=8)
     return {
         "decode": lambda: new / timed(lambda: generate([p["decode"]], max_length=new, min_length=new)),
+        "context": lambda: new / decoding(lambda n: generate([p["context"]], max_length=n, min_length=n), new),
         "n8": lambda: 8 * new / timed(lambda: generate([p["long"]], max_length=new, min_length=new, num_hypotheses=8,
                                                         sampling_topk=0, sampling_topp=0.95, sampling_temperature=0.8)),
         "prefill": lambda: timed(lambda: generate(p["batch"], max_length=1, min_length=1)),
@@ -356,7 +367,8 @@ def summarize(samples: Samples) -> dict[tuple[str, str], dict[str, float]]:
     return {run: {**m, **{k: max(s[k] for s in samples[run]) for k in peaks}} for run, m in medians.items()}
 
 
-COLUMNS = {"decode": ("decode tok/s", "{:.1f}"), "n8": ("n=8 gen tok/s", "{:.1f}"), "prefill": ("prefill 8×256 s", "{:.2f}"),
+COLUMNS = {"decode": ("decode tok/s", "{:.1f}"), "context": ("decode after 1536 tok/s", "{:.1f}"),
+           "n8": ("n=8 gen tok/s", "{:.1f}"), "prefill": ("prefill 8×256 s", "{:.2f}"),
            "ttft": ("TTFT 256 s", "{:.3f}"), "rss_decode": ("peak memory batch 1 GB", "{:.2f}"),
            "rss": ("peak memory all GB", "{:.2f}")}
 
@@ -384,7 +396,7 @@ def print_table(medians: dict[tuple[str, str], dict[str, float]], precisions: li
 
 def ratio(key: str, ours: dict[str, float], theirs: dict[str, float]) -> float:
     """> 1 means ours is better: tokens/s ours / peer, times and memory peer / ours."""
-    return ours[key] / theirs[key] if key in ("decode", "n8") else theirs[key] / ours[key]
+    return ours[key] / theirs[key] if key in ("decode", "context", "n8") else theirs[key] / ours[key]
 
 
 def print_ratios(medians: dict[tuple[str, str], dict[str, float]], samples: Samples, precisions: list[str]) -> None:

@@ -102,21 +102,28 @@ def test_cache_zeroes_unwritten_slots_before_reads_and_copies_what_rows_hold():
     ones = torch.ones(config.n_layer, 5, config.n_head, config.head_dim)
     cache.put(1, ones, ones)
     cache.copy_rows(1, slice(2, 4), 3)
-    assert cache.k[:, 2:4, :3].eq(1).all() and cache.clean == [0, 5, 3, 3]
+    assert cache.k[:, 2:4, :, :3].eq(1).all() and cache.clean == [0, 5, 3, 3]
     cache.ready(0, 4, 6)  # a step reading 6 slots of every row
-    assert not cache.k[:, :, :6].isnan().any() and not cache.v[:, :, :6].isnan().any()
-    assert cache.k[:, 1, :5].eq(1).all() and cache.k[:, 2:4, 3:6].eq(0).all() and cache.k[:, 0, :6].eq(0).all()
-    assert cache.clean == [KVCache.ZERO_AHEAD] * 4 and cache.k[:, :, 64:].isnan().all()  # zeroed a little ahead only
-    cache.k[:, 3, :2] = float("nan")  # a failed sequence's keys
+    assert not cache.k[..., :6, :].isnan().any() and not cache.v[..., :6, :].isnan().any()
+    assert cache.k[:, 1, :, :5].eq(1).all() and cache.k[:, 2:4, :, 3:6].eq(0).all() and cache.k[:, 0, :, :6].eq(0).all()
+    assert cache.clean == [KVCache.ZERO_AHEAD] * 4 and cache.k[..., 64:, :].isnan().all()  # zeroed a little ahead only
+    cache.k[:, 3, :, :2] = float("nan")  # a failed sequence's keys
     cache.forget(3)
     cache.ready(3, 1, 2)
-    assert cache.k[:, 3, :2].eq(0).all()
+    assert cache.k[:, 3, :, :2].eq(0).all()
     cache.holds[2] = [7, 8, 9]
     grown = cache.resized(6, 128)
     assert grown.clean == cache.clean + [0, 0] and grown.holds == {2: [7, 8, 9]}
-    assert torch.equal(grown.k[:, :4, :2], cache.k[:, :, :2])
+    assert torch.equal(grown.k[:, :4, :, :2], cache.k[..., :2, :])
     keys, _ = grown.read(0, 1, 2, 6)
     assert keys.shape == (2, config.n_head, 6, config.head_dim)
+    # put, span, write and read agree on which slot and head each value is: [n_layer, n, n_head, head_dim] in and out
+    distinct = torch.arange(config.n_layer * 5 * config.n_head * config.head_dim, dtype=torch.float32)
+    distinct = distinct.view(config.n_layer, 5, config.n_head, config.head_dim)
+    cache.put(0, distinct, -distinct)
+    assert torch.equal(cache.span(0, 0, 5)[0], distinct) and torch.equal(cache.read(1, 0, 1, 5)[1][0], -distinct[1].transpose(0, 1))
+    cache.write(1, (torch.tensor([2, 0]), torch.tensor([7, 5])), distinct[1, :2], distinct[1, 2:4])
+    assert torch.equal(cache.span(2, 7, 8)[0][1, 0], distinct[1, 0]) and torch.equal(cache.span(0, 5, 6)[1][1, 0], distinct[1, 3])
 
 
 # --- greedy: engine vs plain loop vs transformers -----------------------------------------------------------

@@ -146,9 +146,10 @@ class PrefixCache:
             self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
         slots = torch.tensor([self.free.pop() for _ in range(count)], dtype=torch.long)
         index = slots.to(self.device)
+        keys, values = cache.span(row, matched, matched + count)
         for layer in range(self.config.n_layer):
-            self.k[layer].index_copy_(0, index, cache.k[layer, row, matched : matched + count])
-            self.v[layer].index_copy_(0, index, cache.v[layer, row, matched : matched + count])
+            self.k[layer].index_copy_(0, index, keys[layer])
+            self.v[layer].index_copy_(0, index, values[layer])
         leaf = _Node(tokens[matched : matched + count], slots, node, {}, now)
         node.children[leaf.tokens[0]] = leaf
         return matched + count

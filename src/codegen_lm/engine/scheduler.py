@@ -441,7 +441,7 @@ class Scheduler:
                   and leader in self.running and leader.finish_reason is not None):
                 # The leader's row goes now, and samples still wait for rows: keep the prompt's keys and values.
                 row, length = self.running.index(leader), len(request.prompt_ids)
-                request.prefix = (self.cache.k[:, row, :length].clone(), self.cache.v[:, row, :length].clone())
+                request.prefix = tuple(t.clone() for t in self.cache.span(row, 0, length))
 
     # -- sampling and text -----------------------------------------------------------------------------
 
