@@ -108,8 +108,8 @@ class KVCache:
     Each row is one sequence; a token at position p is stored in slot p, so a row needs no padding and rows
     may hold sequences of different lengths. A step writes its new keys with one ``index_put_`` per layer at
     their (row, position) slots: nothing is allocated or concatenated per step. Each head's slots are contiguous,
-    as attention reads them: decode attention over a cache on 4 KB pages ran 1.4x faster so than with the heads
-    of one slot side by side, where every key read lands on another page (docs/benchmarks.md).
+    as attention reads them: on 4 KB pages decode attention ran 1.4x as fast so as with a slot's heads side by
+    side, where each key a head reads lies on another page (docs/benchmarks.md).
 
     The tensors are allocated empty: a row's slots are zeroed (``ready``) only when a step first reads them unwritten,
     so slots nobody reads cost no time, and on CPU no memory (their pages are never touched). They must be zeroed
