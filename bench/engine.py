@@ -109,7 +109,7 @@ def load_ours(args: argparse.Namespace):
     quantize = args.precision if args.precision in ("int8", "int4") else None
     dtype = TORCH_DTYPES.get(args.precision, "float32")
     model = load_model(args.checkpoint, quantize=quantize, inference=True, dtype=dtype, device=args.device,
-                       several_rows=args.system.endswith("@" + SEVERAL_ROWS))
+                       several_rows=args.system.partition("@")[2] == SEVERAL_ROWS)
     print("KERNELS " + json.dumps(kernel_choices(model)), flush=True)
     return model
 
